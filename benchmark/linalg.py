@@ -1,0 +1,98 @@
+"""Linear solvers shared by the ground truth and the estimators.
+
+Every solve is batched over k right-hand sides stacked as rows, B of shape (k, d).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+MatVec = Callable[[Tensor], Tensor]  # (k, d) -> (k, d), symmetric positive definite
+
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """How a batched solve ended: iterations taken, the true relative residual of each row
+    ‖b − A x‖ / ‖b‖ (k,), and whether every row reached the tolerance."""
+
+    method: str
+    iterations: int
+    relative_residual: Tensor
+    converged: bool
+
+    def as_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "iterations": self.iterations,
+            "max_relative_residual": float(self.relative_residual.max()) if self.relative_residual.numel() else 0.0,
+            "converged": self.converged,
+        }
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(dim=-1)
+
+
+def relative_residual(matvec: MatVec, X: Tensor, B: Tensor) -> Tensor:
+    """‖B − A X‖ / ‖B‖ per row, (k,)."""
+    bnorm = torch.linalg.vector_norm(B, dim=-1).clamp_min(torch.finfo(B.dtype).tiny)
+    return torch.linalg.vector_norm(B - matvec(X), dim=-1) / bnorm
+
+
+def batched_cg(matvec: MatVec, B: Tensor, *, rtol: float, maxiter: int, X0: Tensor | None = None,
+               precondition: MatVec | None = None) -> tuple[Tensor, SolveInfo]:
+    """Solve A X = B row by row with (preconditioned) conjugate gradients, all rows batched.
+
+    A: symmetric positive definite, given as matvec on (k, d); precondition: M⁻¹ applied to
+    (k, d), M SPD (default identity). Rows that reach ‖r‖ ≤ rtol ‖b‖ stop moving.
+    Returns X (k, d) and the true residual of every row.
+    """
+    M = precondition if precondition is not None else (lambda V: V)
+    X = torch.zeros_like(B) if X0 is None else X0.clone()
+    R = B - matvec(X) if X0 is not None else B.clone()
+    Z = M(R)
+    P = Z.clone()
+    rz = _rowdot(R, Z)
+    target = (rtol * torch.linalg.vector_norm(B, dim=-1)) ** 2
+    active = _rowdot(R, R) > target
+    one = torch.ones_like(rz)
+    it = 0
+    while it < maxiter and bool(active.any()):
+        AP = matvec(P)
+        alpha = torch.where(active, rz / torch.where(active, _rowdot(P, AP), one), torch.zeros_like(rz))
+        X = X + alpha[:, None] * P
+        R = R - alpha[:, None] * AP
+        Z = M(R)
+        rz_new = _rowdot(R, Z)
+        beta = torch.where(active, rz_new / torch.where(active, rz, one), torch.zeros_like(rz))
+        P = Z + beta[:, None] * P
+        rz = rz_new
+        active = active & (_rowdot(R, R) > target)
+        it += 1
+    res = relative_residual(matvec, X, B)
+    return X, SolveInfo("cg", it, res, bool((res <= rtol * 10).all()))
+
+
+class CholeskySolver:
+    """Dense solves with a fixed SPD matrix A (d, d), factorised once: A = L Lᵀ."""
+
+    def __init__(self, A: Tensor):
+        self.A = A
+        self.L, info = torch.linalg.cholesky_ex(A)
+        if int(info) != 0:
+            raise torch.linalg.LinAlgError(f"matrix is not positive definite (leading minor {int(info)})")
+
+    def solve(self, B: Tensor) -> Tensor:
+        """A⁻¹ bᵣ for every row of B (k, d) -> (k, d)."""
+        return torch.cholesky_solve(B.T, self.L).T
+
+    def matvec(self, X: Tensor) -> Tensor:
+        return X @ self.A
+
+    def solve_with_info(self, B: Tensor) -> tuple[Tensor, SolveInfo]:
+        X = self.solve(B)
+        res = relative_residual(self.matvec, X, B)
+        return X, SolveInfo("dense", 0, res, True)

@@ -1,0 +1,278 @@
+"""The read-only problem every estimator and every response function works on.
+
+Notation (DESIGN.md §1): N training examples, d parameters, C outputs, ε = 1/N,
+μ = wd + λ (weight decay plus damping). Per-example loss ℓᵢ(θ) = L(f(θ, xᵢ), tᵢ).
+G = (1/N) Σᵢ Jᵢᵀ H_y,ᵢ Jᵢ is the Gauss–Newton Hessian of the data term at θ.
+
+All operators take and return flat parameter vectors: θ has shape (d,), a stack of k
+vectors has shape (k, d). Products are batched over the k vectors with torch.func.vmap and
+chunked over training examples to bound memory. Every operator adds to `problem.counter`.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Batch(NamedTuple):
+    """Inputs (n, ...) and targets (n, ...) of n examples."""
+
+    inputs: Tensor
+    targets: Tensor
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def subset(self, idx: Tensor) -> "Batch":
+        return Batch(self.inputs[idx], self.targets[idx])
+
+
+class FunctionalModel:
+    """f(θ, x) for a module, with θ a flat (d,) vector and buffers frozen (eval mode)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module.eval()
+        named = [(k, p) for k, p in module.named_parameters()]
+        self.names = [k for k, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.numels = [p.numel() for _, p in named]
+        self.buffers = {k: b.detach() for k, b in module.named_buffers()}
+
+    @property
+    def n_params(self) -> int:
+        return sum(self.numels)
+
+    def flatten(self) -> Tensor:
+        """The module's current parameters as one (d,) vector."""
+        return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()])
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        parts = torch.split(theta, self.numels)
+        return {k: v.view(s) for k, v, s in zip(self.names, parts, self.shapes)}
+
+    def load(self, theta: Tensor) -> None:
+        """Write θ into the module's parameters (used by training, never by estimators)."""
+        with torch.no_grad():
+            for p, v in zip(self.module.parameters(), torch.split(theta, self.numels)):
+                p.copy_(v.view_as(p))
+
+    def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
+        return functional_call(self.module, (self.unflatten(theta), self.buffers), (x,))
+
+
+@dataclass
+class EvaluationCounter:
+    """Hardware-free cost: model evaluations in example × vector units, by kind.
+
+    forward: one output evaluation; gradient: one per-example gradient (forward + backward);
+    gnvp / hvp: one example's contribution to one Gauss–Newton / Hessian–vector product.
+    """
+
+    counts: Counter
+
+    def __init__(self) -> None:
+        self.counts = Counter()
+
+    def add(self, kind: str, n: int) -> None:
+        self.counts[kind] += int(n)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        return {"total": self.total, **dict(sorted(self.counts.items()))}
+
+    def reset(self) -> None:
+        self.counts.clear()
+
+
+class Problem:
+    """A trained task, frozen: the base parameters θˢ, the data, the loss and the operators.
+
+    Attributes: task, scale, model (FunctionalModel), params θˢ (d,), train / query (Batch),
+    loss (per-example, convex in outputs), damping λ, weight_decay wd, epsilon ε = 1/N, seed,
+    theta0 θ⁰ (d,) and training_certificate (how base training ended).
+    Estimators must not modify any of them; the harness checks that they do not.
+    """
+
+    def __init__(
+        self,
+        *,
+        task: str,
+        scale: str,
+        model: FunctionalModel,
+        params: Tensor,
+        train: Batch,
+        query: Batch,
+        loss: LossFn,
+        damping: float,
+        weight_decay: float,
+        seed: int,
+        theta0: Tensor | None = None,
+        training_certificate: dict | None = None,
+        chunk_size: int = 1024,
+    ):
+        self.task = task
+        self.scale = scale
+        self.model = model
+        self.params = params.detach()
+        self.train = train
+        self.query = query
+        self.loss = loss
+        self.damping = float(damping)
+        self.weight_decay = float(weight_decay)
+        self.seed = int(seed)
+        self.theta0 = theta0  # the initialisation θˢ was trained from (for retraining)
+        self.training_certificate = training_certificate or {}
+        self.chunk_size = int(chunk_size)
+        self.counter = EvaluationCounter()
+
+    # ---- sizes -----------------------------------------------------------------------------
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def n_params(self) -> int:
+        return int(self.params.numel())
+
+    @property
+    def epsilon(self) -> float:
+        """ε = 1/N: removing one example is downweighting it by ε."""
+        return 1.0 / self.n_train
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.params.device
+
+    def _theta(self, params: Tensor | None) -> Tensor:
+        return self.params if params is None else params
+
+    def _chunks(self, batch: Batch):
+        for start in range(0, len(batch), self.chunk_size):
+            yield Batch(batch.inputs[start:start + self.chunk_size],
+                        batch.targets[start:start + self.chunk_size])
+
+    # ---- evaluations -----------------------------------------------------------------------
+    def outputs(self, inputs: Tensor, params: Tensor | None = None) -> Tensor:
+        """f(θ, x) for inputs (n, ...) -> (n, C); θ defaults to θˢ."""
+        theta = self._theta(params)
+        self.counter.add("forward", inputs.shape[0])
+        with torch.no_grad():
+            return torch.cat([self.model(theta, inputs[s:s + self.chunk_size])
+                              for s in range(0, inputs.shape[0], self.chunk_size)])
+
+    def losses(self, batch: Batch, params: Tensor | None = None) -> Tensor:
+        """ℓᵢ(θ) for each example of `batch` -> (n,)."""
+        out = self.outputs(batch.inputs, params)
+        return self.loss(out, batch.targets)
+
+    def _example_loss(self, theta: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        return self.loss(self.model(theta, x.unsqueeze(0)), t.unsqueeze(0))[0]
+
+    def gradients(self, batch: Batch, params: Tensor | None = None) -> Tensor:
+        """Per-example gradients ∇θ ℓᵢ(θ) (no weight decay) -> (n, d)."""
+        theta = self._theta(params)
+        self.counter.add("gradient", len(batch))
+        per_example = vmap(grad(self._example_loss), in_dims=(None, 0, 0))
+        return torch.cat([per_example(theta, c.inputs, c.targets).detach()
+                          for c in self._chunks(batch)])
+
+    def train_gradients(self, train_idx: Tensor) -> Tensor:
+        """∇ℓₘ(θˢ) for the training examples `train_idx` -> (len(train_idx), d)."""
+        return self.gradients(self.train.subset(train_idx))
+
+    # ---- curvature products ------------------------------------------------------------------
+    def _output_hvp(self, out: Tensor, targets: Tensor, v_out: Tensor) -> Tensor:
+        """H_y v in output space: Hessian of Σᵢ L(yᵢ, tᵢ) at y=out applied to v_out (n, C)."""
+        g = grad(lambda o: self.loss(o, targets).sum())
+        return jvp(g, (out,), (v_out,))[1]
+
+    def gnvp_sum(self, theta: Tensor, vectors: Tensor, batch: Batch) -> Tensor:
+        """Σ_{i∈batch} Jᵢᵀ H_y,ᵢ Jᵢ v at θ for vectors (k, d) -> (k, d); uncounted, vmappable over θ."""
+        total = torch.zeros_like(vectors)
+        for c in self._chunks(batch):
+            f = lambda th: self.model(th, c.inputs)
+            out, vjp_fn = vjp(f, theta)
+
+            def one(v: Tensor) -> Tensor:
+                jv = jvp(f, (theta,), (v,))[1]
+                return vjp_fn(self._output_hvp(out, c.targets, jv))[0]
+
+            total = total + vmap(one)(vectors)
+        return total
+
+    def gnvp(self, vectors: Tensor, batch: Batch | None = None, params: Tensor | None = None) -> Tensor:
+        """G V for vectors (k, d) -> (k, d); G averaged over `batch` (default: the training set)."""
+        theta = self._theta(params)
+        batch = self.train if batch is None else batch
+        vectors = vectors.reshape(-1, theta.numel())
+        self.counter.add("gnvp", len(batch) * vectors.shape[0])
+        return self.gnvp_sum(theta, vectors, batch).detach() / len(batch)
+
+    def hvp(self, vectors: Tensor, batch: Batch | None = None, params: Tensor | None = None) -> Tensor:
+        """∇²[(1/n) Σᵢ ℓᵢ](θ) V for vectors (k, d) -> (k, d) (the full Hessian, no weight decay)."""
+        theta = self._theta(params)
+        batch = self.train if batch is None else batch
+        vectors = vectors.reshape(-1, theta.numel())
+        self.counter.add("hvp", len(batch) * vectors.shape[0])
+        total = torch.zeros_like(vectors)
+        for c in self._chunks(batch):
+            g = grad(lambda th: self.loss(self.model(th, c.inputs), c.targets).sum())
+            total += vmap(lambda v: jvp(g, (theta,), (v,))[1])(vectors).detach()
+        return total / len(batch)
+
+    def damped_gnvp(self, vectors: Tensor, damping: float | None = None) -> Tensor:
+        """(G + (wd + λ) I) V over the training set; λ defaults to the problem's damping."""
+        lam = self.damping if damping is None else damping
+        return self.gnvp(vectors) + (self.weight_decay + lam) * vectors
+
+    def gauss_newton_matrix(self, batch: Batch | None = None, params: Tensor | None = None) -> Tensor:
+        """The dense G (d, d) over `batch` (default: training set). Costs n·C·d² flops."""
+        theta = self._theta(params)
+        batch = self.train if batch is None else batch
+        d = theta.numel()
+        self.counter.add("gnvp", len(batch) * d)  # equivalent to d products
+        G = torch.zeros(d, d, dtype=theta.dtype, device=theta.device)
+        for c in self._chunks(batch):
+            J = vmap(jacrev(lambda th, x: self.model(th, x.unsqueeze(0))[0]), in_dims=(None, 0))(theta, c.inputs)
+            out = self.model(theta, c.inputs).detach()
+            H = output_hessians(self.loss, out, c.targets)  # (n, C, C)
+            root = psd_sqrt(H)  # H = R Rᵀ
+            A = torch.einsum("ncd,nce->ned", J.detach(), root)  # rows Rᵀ J
+            A = A.reshape(-1, d)
+            G += A.T @ A
+        return G / len(batch)
+
+
+def output_hessians(loss: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
+    """∇²_y L(yᵢ, tᵢ) for each example: outputs (n, C) -> (n, C, C)."""
+    one = lambda y, t: loss(y.unsqueeze(0), t.unsqueeze(0))[0]
+    return vmap(torch.func.hessian(one))(outputs, targets).detach()
+
+
+def psd_sqrt(H: Tensor) -> Tensor:
+    """R with H = R Rᵀ for a batch of symmetric PSD matrices (n, C, C)."""
+    w, Q = torch.linalg.eigh(H)
+    return Q * w.clamp_min(0).sqrt().unsqueeze(-2)
+
+
+def flat_norm(x: Tensor) -> Tensor:
+    """Row norms of (k, d) -> (k,)."""
+    return torch.linalg.vector_norm(x, dim=-1)
+
+
+__all__ = ["Batch", "FunctionalModel", "EvaluationCounter", "Problem", "output_hessians", "psd_sqrt",
+           "flat_norm"]

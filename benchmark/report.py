@@ -1,0 +1,32 @@
+"""Tables of results (tabulate)."""
+from __future__ import annotations
+
+from tabulate import tabulate
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _with_ci(row: dict, key: str) -> str:
+    if row.get(key) is None:
+        return "–"
+    ci = row.get(f"{key}_ci")
+    return f"{row[key]:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{row[key]:.3f}"
+
+
+def summary_table(rows: list[dict]) -> str:
+    """One line per row: correlations with bootstrap intervals, output distance, cost."""
+    table = []
+    for r in rows:
+        gt = r.get("ground_truth_certificate") or {}
+        table.append([
+            r["task"], r["estimator"], _with_ci(r, "pearson"), _with_ci(r, "spearman"),
+            _fmt(r.get("pearson_pooled")), _fmt(r.get("output_distance_relative")),
+            _fmt(r.get("seconds"), ".2f"), _fmt(r.get("evaluations"), ",d"),
+            _fmt(gt.get("converged_fraction"), ".0%"),
+            "ok" if r["status"] == "ok" else f"FAILED: {str(r.get('error'))[:60]}",
+        ])
+    headers = ["task", "estimator", "pearson [95% CI]", "spearman [95% CI]", "pooled P", "out dist (rel)",
+               "seconds", "evaluations", "GT conv.", "status"]
+    return tabulate(table, headers=headers, tablefmt="github")

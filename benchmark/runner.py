@@ -1,0 +1,247 @@
+"""Scoring one estimator on one task: the benchmark's unit of work (a row).
+
+A row never raises for an estimator's fault: an exception, NaN scores, a wrong shape or a
+modified problem make a failed row with the reason, and the other rows go on.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from estimators import ParameterEstimator, make_estimator
+from tasks import check_scale, get_task
+
+from .cache import Cache
+from .ground_truth import GroundTruth, build_problem, load_ground_truth
+from .measure import measure
+from .metrics import correlations, output_distance
+from .problem import Problem
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class EstimatorFailure(RuntimeError):
+    """The estimator misbehaved (its own error, bad output, or it changed the problem)."""
+
+
+@dataclass
+class Settings:
+    scale: str = "cpu"
+    device: str = "cpu"
+    cache_dir: Path | None = None
+    data_root: Path | None = None
+    results_dir: Path | None = None
+    ground_truth: str = "pbrf"
+    estimator_params: dict = field(default_factory=dict)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _snapshot(problem: Problem) -> list[torch.Tensor]:
+    tensors = [problem.params, problem.train.inputs, problem.train.targets, problem.query.inputs,
+               problem.query.targets, *problem.model.buffers.values()]
+    return [t.detach().clone() for t in tensors]
+
+
+def _check_unchanged(problem: Problem, snapshot: list[torch.Tensor]) -> None:
+    now = [problem.params, problem.train.inputs, problem.train.targets, problem.query.inputs,
+           problem.query.targets, *problem.model.buffers.values()]
+    names = ["params", "train inputs", "train targets", "query inputs", "query targets",
+             *(f"buffer {k}" for k in problem.model.buffers)]
+    for name, before, after in zip(names, snapshot, now):
+        if before.shape != after.shape or not torch.equal(before, after):
+            raise EstimatorFailure(f"the estimator modified the problem's {name}; estimators must treat the "
+                                   "problem as read-only (clone tensors before changing them)")
+
+
+def _as_scores(value, n_query: int, n_removed: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise EstimatorFailure(f"scores() returned {type(value).__name__}, expected a torch.Tensor of shape "
+                               f"(n_query, n_removed) = ({n_query}, {n_removed})")
+    if tuple(value.shape) != (n_query, n_removed):
+        raise EstimatorFailure(f"scores() returned shape {tuple(value.shape)}, expected (n_query, n_removed) = "
+                               f"({n_query}, {n_removed})")
+    if not torch.isfinite(value).all():
+        bad = int((~torch.isfinite(value)).sum())
+        raise EstimatorFailure(f"scores() returned {bad} non-finite values (NaN or inf) of {value.numel()}")
+    return value.detach().to("cpu", torch.float64)
+
+
+def ground_truth_summary(gt: GroundTruth, response: str) -> dict:
+    """How accurate the ground truth is, in a few numbers."""
+    cert = gt.response(response)["certificate"]
+    out = {"key": gt.key, "response": response, "seconds": gt.seconds}
+    if "relative_gradient_norm" in cert:
+        rel = np.asarray(cert["relative_gradient_norm"])
+        statuses = cert.get("status", [])
+        out.update({
+            "converged_fraction": float(np.mean(cert["converged"])),
+            "median_relative_gradient_norm": float(np.median(rel)),
+            "max_relative_gradient_norm": float(rel.max()),
+            "tolerance": cert["tolerance"],
+            "status_counts": {s: statuses.count(s) for s in sorted(set(statuses))},
+        })
+    if "max_relative_residual" in cert:
+        out.update({"method": cert["method"], "max_relative_residual": cert["max_relative_residual"]})
+    return out
+
+
+class Session:
+    """Problems and ground truths of one benchmark run, built once per task and reused."""
+
+    def __init__(self, settings: Settings):
+        check_scale(settings.scale)
+        self.settings = settings
+        self.cache = Cache(settings.cache_dir)
+        from tasks.data import default_data_root
+        self.data_root = Path(settings.data_root) if settings.data_root else default_data_root()
+        self._tasks: dict[str, tuple | BaseException] = {}
+        self.rows: list[dict] = []
+
+    def task_state(self, task_name: str) -> tuple[Problem, GroundTruth, bool]:
+        """(problem, ground truth, ground truth was cached); a failure is remembered and re-raised."""
+        if task_name not in self._tasks:
+            try:
+                task = get_task(task_name)
+                problem = build_problem(task, self.settings.scale, self.data_root, self.cache, self.settings.device)
+                gt, cached = load_ground_truth(task, self.settings.scale, problem, self.cache)
+                self._tasks[task_name] = (problem, gt, cached)
+            except Exception as exc:  # remembered so that every row of this task fails the same way
+                self._tasks[task_name] = exc
+        state = self._tasks[task_name]
+        if isinstance(state, BaseException):
+            raise state
+        return state
+
+    def run(self, task_name: str, estimator_spec: str) -> dict:
+        """Score one estimator on one task; returns the result (also written as JSON)."""
+        s = self.settings
+        result = {
+            "task": task_name, "estimator": estimator_spec, "scale": s.scale, "ground_truth": s.ground_truth,
+            "status": "failed", "error": None,
+            "pearson": None, "spearman": None, "pearson_pooled": None, "spearman_pooled": None,
+            "pearson_ci": None, "spearman_ci": None,
+            "output_distance": None, "output_distance_relative": None, "output_distance_std": None,
+            "seconds": None, "seconds_fit": None, "seconds_scores": None, "peak_memory_mb": None,
+            "evaluations": None, "evaluations_by_kind": None,
+            "provenance": {
+                "commit": git_commit(), "torch": torch.__version__, "python": platform.python_version(),
+                "device": s.device, "threads": torch.get_num_threads(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            },
+        }
+        try:
+            problem, gt, _ = self.task_state(task_name)
+        except Exception as exc:
+            result["error"] = f"task could not be prepared: {type(exc).__name__}: {exc}"
+            return self._finish(result)
+        result.update({"n_train": problem.n_train, "n_params": problem.n_params, "n_removed": len(gt.removed),
+                       "n_query": len(problem.query), "damping": problem.damping,
+                       "weight_decay": problem.weight_decay, "dtype": str(problem.dtype).replace("torch.", "")})
+        try:
+            truth_scores = gt.scores(s.ground_truth).numpy()
+            result["ground_truth_certificate"] = ground_truth_summary(gt, s.ground_truth)
+            self._score(result, problem, gt, truth_scores, estimator_spec)
+            result["status"] = "ok"
+        except Exception as exc:
+            result["error"] = f"{type(exc).__name__}: {exc}"
+            result["traceback"] = traceback.format_exc(limit=-4)
+        finally:
+            problem.counter.reset()
+        return self._finish(result)
+
+    def _score(self, result: dict, problem: Problem, gt: GroundTruth, truth: np.ndarray, spec: str) -> None:
+        s = self.settings
+        estimator = make_estimator(spec, **s.estimator_params.get(spec, {}))
+        result["estimator_params"] = {k: repr(v) if not isinstance(v, (int, float, str, bool, type(None))) else v
+                                      for k, v in estimator.get_params().items()} if hasattr(
+            estimator, "get_params") else {}
+        removed = gt.removed.to(problem.device)
+        snapshot = _snapshot(problem)
+        problem.counter.reset()
+        try:
+            with measure(s.device) as fit_m:
+                fitted = estimator.fit(problem)
+            if fitted is not estimator:
+                raise EstimatorFailure("fit() must return self")
+            delta = None
+            with measure(s.device) as score_m:
+                if isinstance(estimator, ParameterEstimator) and \
+                        type(estimator).scores is ParameterEstimator.scores:
+                    delta = estimator.parameter_change(removed)
+                    raw = estimator.scores_from_change(delta, problem.query)
+                else:
+                    raw = estimator.scores(removed, problem.query)
+            scores = _as_scores(raw, len(problem.query), len(removed))
+            if isinstance(estimator, ParameterEstimator) and delta is None:
+                delta = estimator.parameter_change(removed)
+        except EstimatorFailure:
+            raise
+        except Exception as exc:
+            raise EstimatorFailure(f"the estimator raised {type(exc).__name__}: {exc}") from exc
+        _check_unchanged(problem, snapshot)
+        result.update(correlations(scores.numpy(), truth, seed=problem.seed))
+        result.update({
+            "seconds_fit": fit_m.seconds, "seconds_scores": score_m.seconds,
+            "seconds": fit_m.seconds + score_m.seconds,
+            "peak_memory_mb": max(fit_m.peak_memory_mb, score_m.peak_memory_mb),
+            "evaluations": problem.counter.total, "evaluations_by_kind": problem.counter.as_dict(),
+            "solver": getattr(estimator, "solver_", None),
+        })
+        if delta is not None:
+            self._output_distance(result, problem, gt, delta)
+
+    def _output_distance(self, result: dict, problem: Problem, gt: GroundTruth, delta: torch.Tensor) -> None:
+        if tuple(delta.shape) != (len(gt.removed), problem.n_params) or not torch.isfinite(delta).all():
+            raise EstimatorFailure(f"parameter_change() returned shape {tuple(delta.shape)} or non-finite values; "
+                                   f"expected finite (n_removed, d) = ({len(gt.removed)}, {problem.n_params})")
+        eval_inputs = problem.train.inputs[gt.eval_idx.to(problem.device)]
+        with torch.no_grad():
+            outputs = torch.stack([problem.model(problem.params + d, eval_inputs) for d in delta]).cpu().numpy()
+        pbrf = gt.response("pbrf")["outputs"].numpy()
+        dist = output_distance(outputs, pbrf)
+        effect = output_distance(gt.base_outputs.numpy()[None], pbrf)
+        result.update({"output_distance": float(dist.mean()), "output_distance_std": float(dist.std()),
+                       "output_distance_relative": float(dist.mean() / max(effect.mean(), 1e-300))})
+
+    def _finish(self, result: dict) -> dict:
+        self.rows.append(result)
+        if self.settings.results_dir is not None:
+            write_result(result, Path(self.settings.results_dir))
+        return result
+
+
+def result_path(result: dict, results_dir: Path) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", result["estimator"]).strip("_")
+    return results_dir / result["scale"] / f"{result['task']}__{safe}__{result['ground_truth']}.json"
+
+
+def write_result(result: dict, results_dir: Path) -> Path:
+    path = result_path(result, results_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["Session", "Settings", "EstimatorFailure", "write_result", "result_path"]

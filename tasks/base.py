@@ -1,0 +1,152 @@
+"""The Task abstraction: what is analysed (data, model, loss, base training recipe).
+
+Everything else (training, ground truth, estimators, metrics) belongs to the harness in
+`benchmark/`. A task is a small class; `tasks.registry` maps names to instances.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+SCALES = ("smoke", "cpu", "paper")
+Scale = Literal["smoke", "cpu", "paper"]
+
+
+def check_scale(scale: str) -> str:
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    return scale
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Deterministic tensors of one task at one scale.
+
+    x_train: (N, ...) inputs, y_train: (N, ...) targets; x_query / y_query: held-out examples
+    whose loss changes are predicted (never training examples).
+    """
+
+    x_train: Tensor
+    y_train: Tensor
+    x_query: Tensor
+    y_query: Tensor
+
+    @property
+    def n_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the base model θˢ is trained from θ⁰.
+
+    optimizer: "lbfgs" (full batch, to convergence) or "sgd" (minibatch, optional momentum).
+    weight_decay enters the objective as (wd/2)‖θ‖².
+    """
+
+    optimizer: Literal["lbfgs", "sgd"]
+    epochs: int
+    batch_size: int | None = None
+    lr: float = 1.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GroundTruthConfig:
+    """How the ground truth is computed at one scale.
+
+    n_removed: R training examples removed one at a time; n_query: Q query examples;
+    n_eval: size of the fixed subset of training inputs on which outputs are stored;
+    pbrf_tol: the PBRF is converged when ‖∇J(θ)‖ ≤ pbrf_tol · ε‖∇ℓₘ(θˢ)‖;
+    dense_max_params: a dense d×d solve is used when d ≤ this, float64 CG otherwise.
+    """
+
+    n_removed: int
+    n_query: int
+    n_eval: int
+    pbrf_tol: float = 1e-8
+    pbrf_max_steps: int = 50
+    linear_rtol: float = 1e-10
+    dense_max_params: int = 16384
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    recipe: Recipe
+    ground_truth: GroundTruthConfig
+    params: dict = field(default_factory=dict)  # task-specific sizes (widths, subset sizes)
+
+
+class Task(ABC):
+    """One benchmark task. Subclasses set `name`, `version` and implement the four methods.
+
+    Bump `version` whenever data, model or recipe change: every cache entry depends on it.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    damping: ClassVar[float] = 1e-3
+    dtype: ClassVar[torch.dtype] = torch.float64
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def config(self, scale: Scale) -> ScaleConfig:
+        """Sizes, recipe and ground-truth settings at `scale`."""
+
+    @abstractmethod
+    def data(self, scale: Scale, data_root: Path) -> Splits:
+        """Deterministic train / query tensors (float inputs in `self.dtype`)."""
+
+    @abstractmethod
+    def model(self, scale: Scale) -> nn.Module:
+        """A freshly constructed model (its initialisation is seeded by the harness)."""
+
+    @abstractmethod
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-example loss L(f(θ,x), t), shape (n,), convex in `outputs`."""
+
+    def recipe(self, scale: Scale) -> Recipe:
+        return self.config(scale).recipe
+
+    def ground_truth_config(self, scale: Scale) -> GroundTruthConfig:
+        return self.config(scale).ground_truth
+
+    def fingerprint(self, scale: Scale) -> dict:
+        """Everything the trained model and the ground truth depend on (hashed for the cache)."""
+        cfg = self.config(scale)
+        return {
+            "task": self.name,
+            "version": self.version,
+            "scale": scale,
+            "damping": self.damping,
+            "dtype": str(self.dtype),
+            "recipe": dataclasses.asdict(cfg.recipe),
+            "params": cfg.params,
+        }
+
+
+def split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[Tensor]:
+    """A seeded permutation of range(n) cut into consecutive parts of the given fractions."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    bounds = [0]
+    for f in fractions:
+        bounds.append(bounds[-1] + int(round(f * n)))
+    bounds[-1] = min(bounds[-1], n)
+    return [perm[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def standardize(train: Tensor, *others: Tensor) -> list[Tensor]:
+    """(x − mean) / std with the statistics of `train` (columns with std 0 are left centred)."""
+    mean, std = train.mean(0), train.std(0)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return [(x - mean) / std for x in (train, *others)]
