@@ -10,6 +10,7 @@ All R removed examples are solved together: every product is vmapped over the st
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from torch.func import grad, vjp, vmap
 
 from .linalg import CholeskySolver, SolveInfo, batched_cg
 from .problem import Batch, Problem, output_hessians, psd_sqrt
+
+log = logging.getLogger("ifbench")
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,9 @@ class SolverSettings:
     linear_maxiter: int = 20000
     pbrf_tol: float = 1e-8
     pbrf_max_steps: int = 50
-    inner_maxiter: int = 100
+    inner_maxiter: int = 30
     basin_factor: float = 10.0
+    stall_window: int = 5
 
 
 class DampedGaussNewton:
@@ -153,7 +157,8 @@ def pbrf(problem: Problem, removed: Tensor, curvature: DampedGaussNewton) -> tup
     J_m is only locally bounded below (ℓₘ grows faster than the proximity term along some
     directions of a multi-layer net), so the solve stays local: a row whose ‖Δ‖ exceeds
     `basin_factor` times its first Gauss–Newton step is stopped as "left_basin". On ReLU nets
-    ∇J_m jumps where a unit changes sign, so a row can also stop "stalled" above the tolerance.
+    ∇J_m jumps where a unit changes sign, so a row can also stop "stalled" above the tolerance:
+    no step lowers J_m, or ‖∇J_m‖ has not halved in `stall_window` steps.
     The certificate gives, per removed example, the relative gradient norm, steps and status.
     """
     settings = curvature.settings
@@ -168,6 +173,7 @@ def pbrf(problem: Problem, removed: Tensor, curvature: DampedGaussNewton) -> tup
     status = ["max_steps"] * len(removed)
     stopped = torch.zeros(len(removed), dtype=torch.bool)
     first_step = None
+    history = [rel.clone()]
     inner_iterations = 0
     rounding = 1e-13
     for _ in range(settings.pbrf_max_steps):
@@ -198,9 +204,14 @@ def pbrf(problem: Problem, removed: Tensor, curvature: DampedGaussNewton) -> tup
         J, g = torch.where(accept, J_trial, J), torch.where(accept[:, None], g_trial, g)
         rel = torch.where(accept, rel_trial, rel)
         steps += accept.long()
+        log.info("pbrf step %d: %d/%d rows active, max relative gradient norm %.2e, %d CG iterations",
+                 int(steps.max()), int(active.sum()), len(removed), float(rel.max()), info.iterations)
         far = torch.linalg.vector_norm(Delta, dim=-1) > settings.basin_factor * first_step
+        history.append(rel.clone())
+        slow = (rel > 0.5 * history[-1 - settings.stall_window]) if len(history) > settings.stall_window \
+            else torch.zeros_like(active)
         for r in range(len(removed)):
-            if active[r] and not accept[r]:
+            if active[r] and (not accept[r] or slow[r]):
                 status[r], stopped[r] = "stalled", True
             elif active[r] and far[r]:
                 status[r], stopped[r] = "left_basin", True
