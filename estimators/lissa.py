@@ -63,7 +63,7 @@ class LiSSA(ParameterEstimator):
         for _ in range(self.repeats):
             h = b.clone()
             for _ in range(self.depth):
-                batch = p.train.subset(torch.randint(n, (min(self.batch_size, n),), generator=g).to(p.device))
+                batch = p.train.subset(torch.randperm(n, generator=g)[:self.batch_size].to(p.device))
                 h = b + h - (p.gnvp(h, batch=batch) + self.mu_ * h) / s
             if not torch.isfinite(h).all():
                 raise FloatingPointError(f"LiSSA diverged: scale {s:.3g} is below the largest eigenvalue of "
