@@ -1,0 +1,78 @@
+"""Misbehaving estimators for tests/test_bad_input.py, loaded through the file-spec loader
+(`make_estimator("tests/bad_estimators.py:RaisesInFit")`). Not a test module."""
+from __future__ import annotations
+
+import torch
+
+from estimators.base import Estimator
+from estimators.grad_dot import GradDot
+
+
+class RaisesInFit(Estimator):
+    def fit(self, problem):
+        raise ValueError("boom: this estimator always fails in fit")
+
+    def scores(self, train_idx, query):  # pragma: no cover - never reached
+        return torch.zeros(len(query), len(train_idx), dtype=torch.float64)
+
+
+class NaNScores(Estimator):
+    def fit(self, problem):
+        self.problem_ = problem
+        return self
+
+    def scores(self, train_idx, query):
+        out = torch.zeros(len(query), len(train_idx), dtype=torch.float64)
+        out[0, 0] = float("nan")
+        return out
+
+
+class WrongShape(Estimator):
+    def fit(self, problem):
+        self.problem_ = problem
+        return self
+
+    def scores(self, train_idx, query):
+        return torch.zeros(len(query), len(train_idx) + 1, dtype=torch.float64)
+
+
+class ModifiesParams(Estimator):
+    """Changes θˢ in place (a classic mistake: forgetting to clone before an update)."""
+
+    def fit(self, problem):
+        self.problem_ = problem
+        problem.params.add_(0.5)
+        return self
+
+    def scores(self, train_idx, query):
+        return torch.zeros(len(query), len(train_idx), dtype=torch.float64)
+
+
+class FitReturnsNone(Estimator):
+    def fit(self, problem):
+        self.problem_ = problem  # forgot `return self`
+
+    def scores(self, train_idx, query):
+        return torch.zeros(len(query), len(train_idx), dtype=torch.float64)
+
+
+class NotAnEstimator:
+    """No fit / scores at all."""
+
+    def predict(self, x):
+        return x
+
+
+class GoodGradDot(GradDot):
+    """A well-behaved estimator from a file spec (the loader itself works)."""
+
+
+class ModifiesThenRaises(Estimator):
+    """Changes θˢ in place, then fails: the harness must still leave the problem as it was."""
+
+    def fit(self, problem):
+        problem.params.mul_(2.0)
+        raise RuntimeError("failed after scribbling on the problem")
+
+    def scores(self, train_idx, query):  # pragma: no cover - never reached
+        return torch.zeros(len(query), len(train_idx), dtype=torch.float64)

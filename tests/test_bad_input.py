@@ -1,0 +1,305 @@
+"""Bad input gives a clear error or a failed row, and the rest goes on.
+
+The Session tests run the real harness on task "lr-cancer" at smoke scale (data bundled with
+scikit-learn; training and ground truth take a few seconds once, then come from a cache that all
+tests of this module share). The misbehaving estimators live in tests/bad_estimators.py and are
+loaded with `path/to/file.py:Class` specs, so the file-spec loader is exercised too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import estimators
+from benchmark.cache import Cache, CacheWarning
+from benchmark.problem import Batch
+from benchmark.runner import REPO, Session, Settings, result_path
+from estimators import REGISTRY, NotFittedError, ParameterEstimator, UnknownEstimator, make_estimator
+from tasks import get_task
+
+BAD_FILE = Path(__file__).resolve().parent / "bad_estimators.py"
+
+
+def spec(name: str) -> str:
+    """`tests/bad_estimators.py:Name` (relative to the working directory when run from the repo)."""
+    return f"{os.path.relpath(BAD_FILE)}:{name}"
+
+
+# ---------------------------------------------------------------- names
+
+
+def test_unknown_task_suggests():
+    with pytest.raises(KeyError) as info:
+        get_task("mlp-mnst")
+    message = str(info.value.args[0])
+    assert "unknown task 'mlp-mnst'" in message
+    assert "Did you mean 'mlp-mnist'" in message
+    assert "lr-cancer" in message  # lists the known tasks
+
+
+def test_unknown_estimator_suggests():
+    with pytest.raises(UnknownEstimator) as info:
+        make_estimator("lisa")
+    message = str(info.value)
+    assert "unknown estimator 'lisa'" in message
+    assert "'lissa'" in message
+    assert isinstance(info.value, KeyError)
+
+
+def test_missing_estimator_file():
+    with pytest.raises(UnknownEstimator, match=r"path/to/file\.py does not exist"):
+        make_estimator("path/to/file.py:Class")
+
+
+def test_missing_class_in_file():
+    with pytest.raises(UnknownEstimator, match="has no class 'Nope'"):
+        make_estimator(spec("Nope"))
+
+
+def test_missing_module():
+    with pytest.raises(UnknownEstimator, match="cannot import module 'no_such_package.mod'"):
+        make_estimator("no_such_package.mod:Class")
+
+
+def test_not_an_estimator():
+    with pytest.raises(TypeError, match="estimator contract"):
+        make_estimator(spec("NotAnEstimator"))
+
+
+def test_file_spec_loads_a_working_estimator():
+    est = make_estimator(spec("GoodGradDot"))
+    assert type(est).__name__ == "GoodGradDot"
+    assert isinstance(est, estimators.GradDot)
+
+
+def _run_benchmark_cli(tmp_path, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmark/", "--scale", "smoke", *args, "-q", "-p", "no:cacheprovider",
+         "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_cli_unknown_task_is_usage_error(tmp_path):
+    proc = _run_benchmark_cli(tmp_path, "--task", "mlp-mnst")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert proc.returncode == 4, out  # pytest's usage-error exit status
+    assert "unknown task 'mlp-mnst'" in out and "mlp-mnist" in out, out
+    assert not (tmp_path / "results").exists()  # nothing ran
+
+
+def test_cli_unknown_estimator_is_usage_error(tmp_path):
+    proc = _run_benchmark_cli(tmp_path, "--task", "lr-cancer", "--estimator", "lisa")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4, out
+    assert "unknown estimator 'lisa'" in out and "'lissa'" in out, out
+
+
+# ---------------------------------------------------------------- not fitted
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_scores_before_fit(name):
+    est = make_estimator(name)
+    batch = Batch(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(NotFittedError, match=r"call fit\(problem\) before scores"):
+        est.scores(torch.tensor([0, 1]), batch)
+    if isinstance(est, ParameterEstimator):
+        with pytest.raises(NotFittedError, match="call fit"):
+            est.parameter_change(torch.tensor([0]))
+
+
+# ---------------------------------------------------------------- failed rows
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A cache and data root shared by every Session of this module (ground truth computed once)."""
+    root = tmp_path_factory.mktemp("bench")
+    (root / "data").mkdir()
+    return root
+
+
+def make_session(root: Path, results: Path, data_root: Path | None = None) -> Session:
+    return Session(Settings(scale="smoke", cache_dir=root / "cache", data_root=data_root or root / "data",
+                            results_dir=results))
+
+
+@pytest.fixture
+def session(shared, tmp_path):
+    return make_session(shared, tmp_path / "results")
+
+
+def test_good_rows(session, tmp_path):
+    for name in ("exact", spec("GoodGradDot")):
+        result = session.run("lr-cancer", name)
+        assert result["status"] == "ok", result["error"]
+        assert result["error"] is None
+        assert -1 <= result["pearson"] <= 1
+        path = result_path(result, tmp_path / "results")
+        assert json.loads(path.read_text())["status"] == "ok"
+
+
+BAD = {
+    "RaisesInFit": r"the estimator raised ValueError: boom",
+    "NaNScores": r"scores\(\) returned 1 non-finite values",
+    "WrongShape": r"scores\(\) returned shape \(\d+, \d+\), expected \(n_query, n_removed\)",
+    "ModifiesParams": r"modified the problem's params",
+    "FitReturnsNone": r"fit\(\) must return self",
+    "ModifiesThenRaises": r"the estimator raised RuntimeError: failed after scribbling",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_estimator_fails_row_and_rest_goes_on(session, tmp_path, name):
+    before = session.run("lr-cancer", "grad-dot")
+    assert before["status"] == "ok", before["error"]
+    result = session.run("lr-cancer", spec(name))
+    assert result["status"] == "failed"
+    assert re.search(BAD[name], result["error"]), result["error"]
+    assert result["pearson"] is None
+    written = json.loads(result_path(result, tmp_path / "results").read_text())
+    assert written["status"] == "failed" and written["error"] == result["error"]
+    after = session.run("lr-cancer", "grad-dot")
+    assert after["status"] == "ok", after["error"]
+    # ... and the next row measures the same thing as before the bad one
+    assert after["pearson"] == pytest.approx(before["pearson"], abs=1e-12)
+    assert after["spearman"] == pytest.approx(before["spearman"], abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ModifiesParams", "ModifiesThenRaises"])
+def test_problem_is_intact_after_a_row_that_modified_it(session, name):
+    problem, _, _ = session.task_state("lr-cancer")
+    theta = problem.params.clone()
+    result = session.run("lr-cancer", spec(name))
+    assert result["status"] == "failed"
+    assert torch.equal(session.task_state("lr-cancer")[0].params, theta), \
+        "θˢ stays modified for every later row of the session"
+
+
+def test_unknown_names_in_session_are_failed_rows(session):
+    task = session.run("mlp-mnst", "exact")
+    assert task["status"] == "failed" and "Did you mean 'mlp-mnist'" in task["error"]
+    est = session.run("lr-cancer", "lisa")
+    assert est["status"] == "failed" and "'lissa'" in est["error"]
+    ok = session.run("lr-cancer", "grad-dot")
+    assert ok["status"] == "ok", ok["error"]
+
+
+def test_missing_dataset_is_failed_row(shared, tmp_path):
+    empty = tmp_path / "empty-data"
+    empty.mkdir()
+    session = make_session(shared, tmp_path / "results", data_root=empty)
+    result = session.run("mlp-energy", "exact")
+    assert result["status"] == "failed"
+    error = result["error"]
+    assert "task could not be prepared" in error
+    assert str(empty / "uci" / "energy.txt") in error  # which file
+    assert "python -m tasks.stage_data" in error and "download=True" in error  # how to get it
+    # every row of that task fails the same way; other tasks go on
+    assert session.run("mlp-energy", "grad-dot")["error"] == error
+    assert session.run("lr-cancer", "grad-dot")["status"] == "ok"
+
+
+# ---------------------------------------------------------------- cache
+
+
+class Counting:
+    def __init__(self, value=None):
+        self.calls = 0
+        self.value = torch.arange(5.0) if value is None else value
+
+    def __call__(self):
+        self.calls += 1
+        return {"x": self.value.clone(), "n": self.calls}
+
+
+FP = {"task": "t", "version": 1, "settings": {"a": 1.5, "b": [1, 2]}}
+
+
+def no_warnings_call(cache, compute, fp=FP):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return cache.get_or_compute("kind", "name", fp, compute)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_cache_roundtrip(tmp_path):
+    cache, compute = Cache(tmp_path), Counting()
+    value, cached = no_warnings_call(cache, compute)
+    assert not cached and compute.calls == 1
+    value2, cached2 = no_warnings_call(cache, compute)
+    assert cached2 and compute.calls == 1
+    assert torch.equal(value2["x"], value["x"]) and value2["n"] == 1
+    # another fingerprint is another entry
+    _, cached3 = no_warnings_call(cache, compute, {**FP, "version": 2})
+    assert not cached3 and compute.calls == 2
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_damaged_cache_entry_is_recomputed(tmp_path, damage):
+    cache, compute = Cache(tmp_path), Counting()
+    no_warnings_call(cache, compute)
+    path = cache.path("kind", "name", FP)
+    raw = path.read_bytes()
+    path.write_bytes({"garbage": b"\x00not a torch file\xff" * 10, "truncated": raw[:len(raw) // 2],
+                      "empty": b""}[damage])
+    with pytest.warns(CacheWarning, match="damaged or stale"):
+        value, cached = cache.get_or_compute("kind", "name", FP, compute)
+    assert not cached and compute.calls == 2 and value["n"] == 2
+    # the file is valid again
+    value, cached = no_warnings_call(cache, compute)
+    assert cached and compute.calls == 2 and value["n"] == 2
+    assert leftovers(path.parent) == [path.name]
+
+
+def test_foreign_fingerprint_is_not_trusted(tmp_path):
+    cache, compute = Cache(tmp_path), Counting()
+    path = cache.path("kind", "name", FP)
+    path.parent.mkdir(parents=True)
+    torch.save({"fingerprint": {**FP, "version": 99}, "value": {"x": torch.zeros(1), "n": -1}}, path)
+    with pytest.warns(CacheWarning, match="fingerprint does not match"):
+        value, cached = cache.get_or_compute("kind", "name", FP, compute)
+    assert not cached and value["n"] == 1
+    assert no_warnings_call(cache, compute)[1]
+    # a file that is a valid torch file but not an entry at all
+    torch.save([1, 2, 3], path)
+    with pytest.warns(CacheWarning):
+        value, cached = cache.get_or_compute("kind", "name", FP, compute)
+    assert not cached and value["n"] == 2
+
+
+def test_interrupted_compute_leaves_nothing(tmp_path):
+    cache = Cache(tmp_path)
+
+    def fails():
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-computation
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.get_or_compute("kind", "name", FP, fails)
+    path = cache.path("kind", "name", FP)
+    assert not path.exists()
+    assert leftovers(path.parent) == []
+    value, cached = no_warnings_call(cache, Counting())
+    assert not cached and value["n"] == 1
+
+
+def test_interrupted_write_leaves_no_temp_file(tmp_path):
+    cache = Cache(tmp_path)
+    path = cache.path("kind", "name", FP)
+    with pytest.raises(Exception):
+        cache.get_or_compute("kind", "name", FP, lambda: {"f": lambda: 1})  # torch.save cannot pickle it
+    assert not path.exists()
+    assert leftovers(path.parent) == []

@@ -1,0 +1,289 @@
+"""The Problem's operators against dense matrices built independently, and batched CG.
+
+The reference model is a hand-written forward pass over the flat parameter vector (nn.Linear
+order: weight then bias, layer by layer), differentiated with torch.autograd.functional; the
+Gauss–Newton matrix is (1/N) Σᵢ Jᵢᵀ (diag(pᵢ) − pᵢpᵢᵀ) Jᵢ with pᵢ = softmax(f(θ, xᵢ)).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd.functional import hessian, jacobian
+
+from benchmark.linalg import CholeskySolver, batched_cg, relative_residual
+from benchmark.problem import Batch, EvaluationCounter
+
+SIZES = (5, 4, 4, 3)
+N = 20
+
+
+def forward(theta: torch.Tensor, x: torch.Tensor, activation: str, sizes=SIZES) -> torch.Tensor:
+    act = {"tanh": torch.tanh, "relu": torch.relu}[activation]
+    h, pos = x, 0
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        W = theta[pos:pos + a * b].reshape(b, a)
+        pos += a * b
+        c = theta[pos:pos + b]
+        pos += b
+        h = h @ W.T + c
+        if i < len(sizes) - 2:
+            h = act(h)
+    assert pos == theta.numel()
+    return h
+
+
+def dense_gauss_newton(theta, X, activation) -> torch.Tensor:
+    d = theta.numel()
+    G = torch.zeros(d, d, dtype=theta.dtype)
+    for x in X:
+        J = jacobian(lambda th: forward(th, x[None], activation)[0], theta)  # (C, d)
+        p = torch.softmax(forward(theta, x[None], activation)[0], -1)
+        H = torch.diag(p) - torch.outer(p, p)
+        G += J.T @ H @ J
+    return G / len(X)
+
+
+def mean_loss_hessian(theta, X, y, activation) -> torch.Tensor:
+    return hessian(lambda th: F.cross_entropy(forward(th, X, activation), y), theta, vectorize=True)
+
+
+@pytest.fixture(scope="module", params=["tanh", "relu"])
+def activation(request):
+    return request.param
+
+
+@pytest.fixture(params=[1024, 7], ids=["one-chunk", "chunks-of-7"])
+def problem(request, mlp, activation):
+    return mlp(SIZES, activation, n_train=N, chunk_size=request.param, train_steps=5)
+
+
+@pytest.fixture(scope="module")
+def reference(mlp, activation):
+    """Dense G and Hessian of the mean loss over the training set, built once per activation."""
+    p = mlp(SIZES, activation, n_train=N, train_steps=5)
+    X, y = p.train.inputs, p.train.targets
+    return {"G": dense_gauss_newton(p.params, X, activation), "H": mean_loss_hessian(p.params, X, y, activation)}
+
+
+def vectors(d: int, k: int = 4, seed: int = 1) -> torch.Tensor:
+    return torch.randn(k, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_forward_matches_reference(problem, activation):
+    theta, X = problem.params, problem.train.inputs
+    torch.testing.assert_close(problem.outputs(X), forward(theta, X, activation), rtol=1e-13, atol=1e-13)
+    assert problem.n_params == 5 * 4 + 4 + 4 * 4 + 4 + 4 * 3 + 3
+    torch.testing.assert_close(problem.losses(problem.train),
+                               F.cross_entropy(forward(theta, X, activation), problem.train.targets,
+                                               reduction="none"), rtol=1e-13, atol=1e-13)
+
+
+def test_gnvp_matches_dense(problem, reference):
+    G = reference["G"]
+    V = vectors(problem.n_params, k=4)
+    torch.testing.assert_close(problem.gnvp(V), V @ G, rtol=1e-10, atol=1e-12)
+    # one vector of shape (d,) is a stack of one
+    torch.testing.assert_close(problem.gnvp(V[0]), (V[:1] @ G), rtol=1e-10, atol=1e-12)
+    # damped product adds (wd + λ) V
+    mu = problem.weight_decay + problem.damping
+    torch.testing.assert_close(problem.damped_gnvp(V), V @ G + mu * V, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(problem.damped_gnvp(V, damping=0.5), V @ G + (problem.weight_decay + 0.5) * V,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_gauss_newton_matrix_matches_dense(problem, reference):
+    G = reference["G"]
+    Gp = problem.gauss_newton_matrix()
+    torch.testing.assert_close(Gp, G, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(Gp, Gp.T, rtol=0, atol=1e-14)
+    assert float(torch.linalg.eigvalsh(Gp).min()) > -1e-12  # PSD
+
+
+def test_gnvp_at_other_params(problem, activation):
+    """params= evaluates G at another θ (used by response functions)."""
+    other = problem.params + 0.1 * vectors(problem.n_params, k=1, seed=5)[0]
+    G = dense_gauss_newton(other, problem.train.inputs, activation)
+    V = vectors(problem.n_params, k=3)
+    torch.testing.assert_close(problem.gnvp(V, params=other), V @ G, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(problem.gauss_newton_matrix(params=other), G, rtol=1e-10, atol=1e-12)
+
+
+def test_minibatch_gnvp_averages_over_batch(problem, activation):
+    idx = torch.tensor([1, 4, 5, 11, 17])
+    batch = problem.train.subset(idx)
+    G_B = dense_gauss_newton(problem.params, batch.inputs, activation)
+    V = vectors(problem.n_params, k=3)
+    torch.testing.assert_close(problem.gnvp(V, batch=batch), V @ G_B, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(problem.gauss_newton_matrix(batch=batch), G_B, rtol=1e-10, atol=1e-12)
+    # the full-batch G is the average of the single-example ones
+    singles = sum(problem.gnvp(V, batch=problem.train.subset(torch.tensor([i]))) for i in range(N)) / N
+    torch.testing.assert_close(singles, problem.gnvp(V), rtol=1e-10, atol=1e-12)
+
+
+def test_hvp_matches_autograd_hessian(problem, activation, reference):
+    H = reference["H"]
+    V = vectors(problem.n_params, k=4)
+    torch.testing.assert_close(problem.hvp(V), V @ H, rtol=1e-10, atol=1e-12)
+    idx = torch.tensor([0, 2, 3, 19])
+    b = problem.train.subset(idx)
+    H_B = mean_loss_hessian(problem.params, b.inputs, b.targets, activation)
+    torch.testing.assert_close(problem.hvp(V, batch=b), V @ H_B, rtol=1e-10, atol=1e-12)
+
+
+def test_gradients_match_autograd(problem, activation):
+    theta = problem.params
+    expected = []
+    for x, y in zip(problem.train.inputs, problem.train.targets):
+        th = theta.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(forward(th, x[None], activation), y[None]), th)
+        expected.append(g)
+    expected = torch.stack(expected)
+    torch.testing.assert_close(problem.gradients(problem.train), expected, rtol=1e-12, atol=1e-13)
+    idx = torch.tensor([3, 8, 0])
+    torch.testing.assert_close(problem.train_gradients(idx), expected[idx], rtol=1e-12, atol=1e-13)
+    # params= evaluates at another θ
+    other = theta + 0.1
+    th = other.clone().requires_grad_(True)
+    x, y = problem.train.inputs[4], problem.train.targets[4]
+    (g4,) = torch.autograd.grad(F.cross_entropy(forward(th, x[None], activation), y[None]), th)
+    torch.testing.assert_close(problem.gradients(problem.train, params=other)[4], g4, rtol=1e-12, atol=1e-13)
+
+
+def test_operators_do_not_change_params(problem):
+    before = problem.params.clone()
+    V = vectors(problem.n_params, k=2)
+    problem.gnvp(V), problem.hvp(V), problem.gradients(problem.train), problem.gauss_newton_matrix()
+    assert torch.equal(problem.params, before)
+
+
+def test_evaluation_counter(mlp):
+    problem = mlp(SIZES, "tanh", n_train=N)
+    c = problem.counter
+    assert c.total == 0
+    d, k = problem.n_params, 3
+    V = vectors(d, k=k)
+    problem.outputs(problem.train.inputs[:4])
+    assert c.counts["forward"] == 4
+    problem.losses(problem.query)
+    assert c.counts["forward"] == 4 + len(problem.query)
+    problem.gradients(problem.train)
+    assert c.counts["gradient"] == N
+    problem.train_gradients(torch.tensor([1, 2]))
+    assert c.counts["gradient"] == N + 2
+    problem.gnvp(V)
+    assert c.counts["gnvp"] == N * k
+    problem.gnvp(V, batch=problem.train.subset(torch.arange(5)))
+    assert c.counts["gnvp"] == N * k + 5 * k
+    problem.damped_gnvp(V)
+    assert c.counts["gnvp"] == 2 * N * k + 5 * k
+    problem.hvp(V)
+    assert c.counts["hvp"] == N * k
+    problem.gauss_newton_matrix()
+    assert c.counts["gnvp"] == 2 * N * k + 5 * k + N * d  # d products' worth
+    assert c.total == sum(c.counts.values())
+    assert c.as_dict()["total"] == c.total
+    c.reset()
+    assert c.total == 0 and c.as_dict() == {"total": 0}
+
+
+def test_counter_standalone():
+    c = EvaluationCounter()
+    c.add("gnvp", 3)
+    c.add("gnvp", 2.0)
+    c.add("forward", 1)
+    assert c.as_dict() == {"total": 6, "forward": 1, "gnvp": 5}
+
+
+def test_batch_subset_and_len():
+    b = Batch(torch.arange(10.0)[:, None], torch.arange(10))
+    assert len(b) == 10
+    s = b.subset(torch.tensor([2, 5]))
+    assert len(s) == 2 and s.targets.tolist() == [2, 5]
+
+
+# ---------------------------------------------------------------- batched CG
+
+
+def random_spd(d: int, cond: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    w = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), d, dtype=torch.float64)
+    D = torch.diag(torch.rand(d, generator=g, dtype=torch.float64) * 3 + 0.5)  # uneven diagonal
+    A = Q @ torch.diag(w) @ Q.T
+    return D @ A @ D
+
+
+@pytest.fixture
+def spd():
+    d = 30
+    A = random_spd(d, cond=1e3)
+    B = torch.randn(5, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return A, B
+
+
+@pytest.mark.parametrize("preconditioned", [False, True], ids=["plain", "jacobi"])
+def test_batched_cg_solves(spd, preconditioned):
+    A, B = spd
+    matvec = lambda X: X @ A
+    precondition = (lambda V: V / torch.diagonal(A)) if preconditioned else None
+    X, info = batched_cg(matvec, B, rtol=1e-12, maxiter=500, precondition=precondition)
+    expected = torch.linalg.solve(A, B.T).T
+    torch.testing.assert_close(X, expected, rtol=1e-8, atol=1e-10)
+    assert info.converged
+    assert info.relative_residual.shape == (5,)
+    true_res = torch.linalg.vector_norm(B - X @ A, dim=-1) / torch.linalg.vector_norm(B, dim=-1)
+    torch.testing.assert_close(info.relative_residual, true_res, rtol=1e-6, atol=1e-18)
+    assert float(info.relative_residual.max()) <= 1e-11
+    d = info.as_dict()
+    assert d["method"] == "cg" and d["converged"] is True and d["iterations"] == info.iterations
+    assert d["max_relative_residual"] == pytest.approx(float(true_res.max()), rel=1e-6)
+
+
+def test_jacobi_preconditioner_helps(spd):
+    A, B = spd
+    _, plain = batched_cg(lambda X: X @ A, B, rtol=1e-10, maxiter=1000)
+    _, jac = batched_cg(lambda X: X @ A, B, rtol=1e-10, maxiter=1000, precondition=lambda V: V / torch.diagonal(A))
+    assert jac.iterations < plain.iterations
+
+
+@pytest.mark.parametrize("preconditioned", [False, True], ids=["plain", "jacobi"])
+def test_batched_cg_truncated_reports_true_residual(spd, preconditioned):
+    A, B = spd
+    precondition = (lambda V: V / torch.diagonal(A)) if preconditioned else None
+    X, info = batched_cg(lambda X: X @ A, B, rtol=1e-12, maxiter=4, precondition=precondition)
+    assert info.iterations == 4
+    assert not info.converged
+    true_res = torch.linalg.vector_norm(B - X @ A, dim=-1) / torch.linalg.vector_norm(B, dim=-1)
+    assert float(true_res.min()) > 1e-6  # really not solved
+    torch.testing.assert_close(info.relative_residual, true_res, rtol=1e-10, atol=0)
+    torch.testing.assert_close(relative_residual(lambda X: X @ A, X, B), true_res, rtol=1e-12, atol=0)
+
+
+def test_batched_cg_warm_start_and_rows_independent(spd):
+    A, B = spd
+    expected = torch.linalg.solve(A, B.T).T
+    # a row that is already solved (warm start) or zero stays put; the others are solved
+    X0 = torch.zeros_like(B)
+    X0[0] = expected[0]
+    B2 = B.clone()
+    B2[1] = 0
+    X, info = batched_cg(lambda X: X @ A, B2, rtol=1e-12, maxiter=500, X0=X0)
+    torch.testing.assert_close(X[0], expected[0], rtol=1e-8, atol=1e-10)
+    assert torch.equal(X[1], torch.zeros_like(X[1]))
+    torch.testing.assert_close(X[2:], expected[2:], rtol=1e-8, atol=1e-10)
+    assert info.converged
+    # solving rows together gives the same result as one at a time
+    Xs = torch.cat([batched_cg(lambda X: X @ A, B[i:i + 1], rtol=1e-12, maxiter=500)[0] for i in range(5)])
+    Xb, _ = batched_cg(lambda X: X @ A, B, rtol=1e-12, maxiter=500)
+    torch.testing.assert_close(Xb, Xs, rtol=1e-9, atol=1e-11)
+
+
+def test_cholesky_solver(spd):
+    A, B = spd
+    solver = CholeskySolver(A)
+    X, info = solver.solve_with_info(B)
+    torch.testing.assert_close(X, torch.linalg.solve(A, B.T).T, rtol=1e-9, atol=1e-11)
+    assert info.method == "dense" and float(info.relative_residual.max()) < 1e-12
+    with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
+        CholeskySolver(-A)
