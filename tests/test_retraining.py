@@ -1,0 +1,237 @@
+"""Retraining response functions (benchmark/retraining.py) against closed forms on ridge regression.
+
+Ridge: f(θ, x) = θᵀx, ℓᵢ = ½(θᵀxᵢ − tᵢ)², objective (1/N) Σ ℓᵢ + (wd/2)‖θ‖², θˢ its exact
+minimiser, A = XᵀX/N + wd I, rₘ = θˢᵀxₘ − tₘ, ε = 1/N. Removing m (objective − εℓₘ):
+
+  exact leave-one-out  Δ = ε (A − ε xₘxₘᵀ)⁻¹ xₘ rₘ = linear / (1 − ε xₘᵀA⁻¹xₘ)   (Sherman–Morrison)
+  proximal (λ)         Δ = ε (A + λI − ε xₘxₘᵀ)⁻¹ xₘ rₘ   (= the PBRF: the objective is quadratic)
+  linearized PBRF      Δ = ε (A + λI)⁻¹ xₘ rₘ
+
+The objective is strongly convex, so cold start (from θ⁰) and warm start (from θˢ) trained to
+convergence must both reach the exact leave-one-out solution, and proximal → warm as λ → 0.
+Full-batch gradient descent with step 1/λ_max(A) converges in a few hundred steps.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from benchmark import retraining
+from benchmark.ground_truth import ALL_RESPONSES, _LazyCurvature, compute_response
+from benchmark.problem import Batch, FunctionalModel, Problem
+from benchmark.responses import DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf
+from tasks.base import Recipe
+
+DTYPE = torch.float64
+
+
+def squared_error(out, t):
+    return 0.5 * (out - t).pow(2).sum(1)
+
+
+class Ridge:
+    def __init__(self, N: int = 40, p: int = 5, wd: float = 0.05, lam: float = 1e-3, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.X = torch.randn(N, p, generator=g, dtype=DTYPE)
+        true = torch.randn(p, generator=g, dtype=DTYPE)
+        self.t = self.X @ true + 0.5 * torch.randn(N, generator=g, dtype=DTYPE)
+        Xq = torch.randn(6, p, generator=g, dtype=DTYPE)
+        tq = Xq @ true + 0.5 * torch.randn(6, generator=g, dtype=DTYPE)
+        self.N, self.wd, self.lam = N, wd, lam
+        self.A = self.X.T @ self.X / N + wd * torch.eye(p, dtype=DTYPE)
+        self.theta = torch.linalg.solve(self.A, self.X.T @ self.t / N)
+        theta0 = torch.randn(p, generator=g, dtype=DTYPE)
+        self.problem = Problem(task="ridge", scale="smoke", model=FunctionalModel(nn.Linear(p, 1, bias=False).double()),
+                               params=self.theta.clone(), train=Batch(self.X, self.t[:, None]),
+                               query=Batch(Xq, tq[:, None]), loss=squared_error, damping=lam, weight_decay=wd,
+                               seed=0, theta0=theta0)
+        eig = torch.linalg.eigvalsh(self.A)
+        self.lr = float(1.0 / eig[-1])
+        self.contraction = float(1 - eig[0] / eig[-1])
+
+    def gd(self, epochs: int) -> Recipe:
+        """Full-batch gradient descent (batch = N)."""
+        return Recipe("sgd", epochs=epochs, batch_size=None, lr=self.lr, weight_decay=self.wd, seed=0)
+
+    def closed_form(self, m: int, lam: float = 0.0, exact: bool = True) -> torch.Tensor:
+        eps, x = 1.0 / self.N, self.X[m]
+        r = x @ self.theta - self.t[m]
+        M = self.A + lam * torch.eye(len(x), dtype=DTYPE) - (eps * torch.outer(x, x) if exact else 0.0)
+        return eps * torch.linalg.solve(M, x * r)
+
+
+def _with_damping(r: Ridge, lam: float) -> Problem:
+    p = r.problem
+    return Problem(task=p.task, scale=p.scale, model=p.model, params=p.params, train=p.train, query=p.query,
+                   loss=p.loss, damping=lam, weight_decay=p.weight_decay, seed=p.seed, theta0=p.theta0)
+
+
+REMOVED = torch.tensor([0, 7, 19, 33])
+
+
+@pytest.fixture(scope="module")
+def ridge() -> Ridge:
+    return Ridge()
+
+
+def _steps_to_converge(r: Ridge) -> int:
+    return int(torch.tensor(1e-22).log() / torch.tensor(r.contraction).log()) + 1
+
+
+def test_sherman_morrison_closed_form(ridge):
+    r = ridge
+    for m in REMOVED.tolist():
+        lin = r.closed_form(m, exact=False)
+        q = float(r.X[m] @ torch.linalg.solve(r.A, r.X[m])) / r.N
+        torch.testing.assert_close(r.closed_form(m), lin / (1 - q), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lbfgs"])
+def test_cold_and_warm_reach_exact_leave_one_out(ridge, optimizer):
+    r = ridge
+    K = _steps_to_converge(r)
+    recipe = r.gd(2 * K) if optimizer == "sgd" else Recipe("lbfgs", epochs=200, weight_decay=r.wd, seed=0)
+    exact = torch.stack([r.closed_form(m) for m in REMOVED.tolist()])
+    linear = torch.stack([r.closed_form(m, exact=False) for m in REMOVED.tolist()])
+    deltas = {}
+    for name, fn in (("cold", retraining.cold), ("warm", retraining.warm)):
+        Delta, cert = fn(r.problem, REMOVED, recipe)
+        deltas[name] = Delta
+        torch.testing.assert_close(Delta, exact, rtol=1e-9, atol=1e-13)
+        assert all(cert["converged"]), cert["relative_gradient_norm"]
+        assert cert["start"] == ("theta0" if name == "cold" else "theta_s")
+        # the control run (nothing removed) stays at / returns to θˢ
+        assert cert["control"]["parameter_drift_norm"] < 1e-10
+    torch.testing.assert_close(deltas["cold"], deltas["warm"], rtol=1e-9, atol=1e-13)
+    # first order: the exact response differs from the linear one by O(ε) relative
+    rel = ((deltas["cold"] - linear).norm(dim=1) / linear.norm(dim=1)).max()
+    assert 0 < rel < 5 * float(r.X.pow(2).sum(1).max()) / r.N * float(1 / torch.linalg.eigvalsh(r.A)[0])
+
+
+def test_linear_and_pbrf_closed_forms(ridge):
+    r = ridge
+    curvature = DampedGaussNewton(r.problem, r.wd + r.lam, SolverSettings())
+    lin, _ = linearized_pbrf(r.problem, REMOVED, curvature)
+    bregman, cert = pbrf(r.problem, REMOVED, curvature)
+    for i, m in enumerate(REMOVED.tolist()):
+        torch.testing.assert_close(lin[i], r.closed_form(m, lam=r.lam, exact=False), rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(bregman[i], r.closed_form(m, lam=r.lam), rtol=1e-8, atol=1e-13)
+    assert all(cert["converged"])
+
+
+def test_proximal_equals_pbrf_and_tends_to_warm(ridge):
+    r = ridge
+    recipe = r.gd(2 * _steps_to_converge(r))
+    Delta, cert = retraining.proximal(r.problem, REMOVED, recipe)
+    assert cert["proximal_strength"] == r.lam
+    exact = torch.stack([r.closed_form(m, lam=r.lam) for m in REMOVED.tolist()])
+    torch.testing.assert_close(Delta, exact, rtol=1e-9, atol=1e-13)
+    # λ → 0: proximal → warm (first order in λ)
+    warm, _ = retraining.warm(r.problem, REMOVED, recipe)
+    tiny = _with_damping(r, 1e-9)
+    prox0, _ = retraining.proximal(tiny, REMOVED, recipe)
+    torch.testing.assert_close(prox0, warm, rtol=1e-7, atol=1e-13)
+    assert (Delta - warm).norm() > 1e-3 * warm.norm()  # λ = 1e-3 does make a difference
+
+
+@pytest.mark.parametrize("batch_size,momentum", [(None, 0.0), (8, 0.9)])
+@pytest.mark.parametrize("kind", ["cold", "warm", "proximal"])
+def test_batched_equals_one_at_a_time(ridge, kind, batch_size, momentum):
+    r = ridge
+    recipe = Recipe("sgd", epochs=60, batch_size=batch_size, lr=0.3 * r.lr, momentum=momentum,
+                    weight_decay=r.wd, seed=3)
+    batched = retraining.retrain(r.problem, REMOVED, recipe, kind)
+    for i in range(len(REMOVED)):
+        single = retraining.retrain(r.problem, REMOVED[i:i + 1], recipe, kind)
+        scale = batched.parameter_change(r.problem)[i].norm()
+        assert (single.thetas[0] - batched.thetas[i]).abs().max() <= 1e-12 * scale
+        assert (single.reference - batched.reference).abs().max() <= 1e-12 * scale
+
+
+def test_lbfgs_batched_equals_one_at_a_time(ridge):
+    r = ridge
+    recipe = Recipe("lbfgs", epochs=200, weight_decay=r.wd, seed=0)
+    batched = retraining.retrain(r.problem, REMOVED, recipe, "cold")
+    for i in range(len(REMOVED)):
+        single = retraining.retrain(r.problem, REMOVED[i:i + 1], recipe, "cold")
+        torch.testing.assert_close(single.thetas[0], batched.thetas[i], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["cold", "warm"])
+def test_controlled_run_with_nothing_removed_is_exactly_zero(ridge, kind):
+    """A row with nothing removed, in the same batch as the control run, gives exactly zero
+    controlled scores and exactly the base outputs; the raw variant shows the drift."""
+    r = ridge
+    p = r.problem
+    recipe = Recipe("sgd", epochs=30, batch_size=8, lr=0.3 * r.lr, momentum=0.5, weight_decay=r.wd, seed=1)
+    removed = REMOVED[:3]
+    W = retraining.removal_weights(p, removed)
+    W[1] = 1.0  # row 1: nothing removed
+    run = retraining.retrain(p, removed, recipe, kind, weights=W)
+    eval_inputs = p.train.inputs[:10]
+    scores, outputs = retraining.evaluations(p, run, eval_inputs, controlled=True)
+    assert torch.equal(run.parameter_change(p, controlled=True)[1], torch.zeros(p.n_params, dtype=DTYPE))
+    assert torch.equal(scores[:, 1], torch.zeros(len(p.query), dtype=DTYPE))
+    assert torch.equal(outputs[1], p.model(p.params, eval_inputs))
+    assert scores[:, 0].abs().max() > 0  # a real removal is not zero
+    raw, _ = retraining.evaluations(p, run, eval_inputs, controlled=False)
+    assert raw[:, 1].abs().max() > 1e-8  # minibatch SGD drifts with nothing removed
+
+
+def test_mlp_rows_are_independent():
+    """On a small ReLU MLP with minibatch SGD and momentum: a row's trajectory does not depend
+    on the other rows of the vmapped batch, and two identical rows stay bitwise identical."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    model = FunctionalModel(module)
+    X = torch.randn(30, 4, generator=g, dtype=DTYPE)
+    y = torch.randint(3, (30,), generator=g)
+    ce = lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none")
+    theta0 = model.flatten()
+    recipe = Recipe("sgd", epochs=20, batch_size=8, lr=0.1, momentum=0.9, weight_decay=1e-2, seed=0)
+    from benchmark.training import sgd
+    theta = sgd(model, ce, Batch(X, y), theta0, recipe)
+    p = Problem(task="mlp", scale="smoke", model=model, params=theta, train=Batch(X, y),
+                query=Batch(X[:5], y[:5]), loss=ce, damping=1e-3, weight_decay=1e-2, seed=0, theta0=theta0)
+    removed = torch.tensor([2, 11, 29])
+    cold = retraining.retrain(p, removed, recipe, "cold")
+    # with nothing removed, cold start with the same seed reproduces θˢ (up to vmap rounding)
+    assert (cold.reference - theta).abs().max() < 1e-10
+    W = retraining.removal_weights(p, removed)
+    W[0] = 1.0
+    warm = retraining.retrain(p, removed, recipe, "warm", weights=W)
+    assert torch.equal(warm.thetas[0], warm.reference)
+    single = retraining.retrain(p, removed[1:2], recipe, "warm")
+    assert (single.thetas[0] - warm.thetas[1]).abs().max() < 1e-12
+
+
+def test_compute_response_dispatch(ridge):
+    """Every retraining response through the ground-truth dispatch: shapes, certificate, and
+    the raw and controlled variants sharing one retraining."""
+    r = ridge
+    p = r.problem
+    recipe = Recipe("sgd", epochs=40, batch_size=8, lr=0.3 * r.lr, weight_decay=r.wd, seed=0)
+    curvature = _LazyCurvature(p, SolverSettings())
+    eval_idx = torch.arange(12)
+    runs: dict = {}
+    out = {name: compute_response(p, name, REMOVED, eval_idx, curvature, recipe, runs)
+           for name in ALL_RESPONSES}
+    assert set(runs) == {"cold", "warm", "proximal"}
+    for name, value in out.items():
+        assert value["scores"].shape == (len(p.query), len(REMOVED))
+        assert value["outputs"].shape == (len(REMOVED), len(eval_idx), 1)
+        cert = value["certificate"]
+        assert len(cert["parameter_change_norm"]) == len(REMOVED)
+        if name in retraining.RESPONSES:
+            assert len(cert["relative_gradient_norm"]) == len(REMOVED)
+            assert cert["reference"] == ("theta_s" if not name.endswith("controlled") else
+                                         "control run (nothing removed)")
+    # raw − controlled scores = ℓ_q(θ_ref) − ℓ_q(θˢ), the same for every removed example
+    diff = out["warm"]["scores"] - out["warm-controlled"]["scores"]
+    torch.testing.assert_close(diff, diff[:, :1].expand_as(diff), rtol=1e-9, atol=1e-15)
+    with pytest.raises(ValueError, match="recipe"):
+        compute_response(p, "warm", REMOVED, eval_idx, curvature)
+    with pytest.raises(KeyError, match="unknown response"):
+        compute_response(p, "hot", REMOVED, eval_idx, curvature, recipe)
