@@ -1,21 +1,32 @@
 """The benchmark as a pytest plugin: `pytest benchmark/ [options]`.
 
 Each test is one row, task × estimator; the run ends with a summary table and leaves one
-JSON result per row in --results-dir/<scale>/.
+JSON result per row in --results-dir/<scale>/. A row also fails when its main number falls
+below the committed baseline (--baseline, benchmark/guard.py).
+
+Parallel runs (pytest-xdist, `-n 2`): every worker builds its own Session; the ground truth
+cache's per-entry locks make each entry computed once. Each test attaches its row (without the
+score matrices) to its report's user_properties, which xdist sends to the controller, so the
+summary table and --update-baseline work the same with and without -n.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from estimators import DEFAULT_ESTIMATORS, UnknownEstimator, make_estimator
+from estimators import (DEFAULT_ESTIMATORS, EstimatorSpecError, UnknownEstimator, canonical_spec, make_estimator,
+                        parse_param)
 from tasks import SCALES, TASKS, did_you_mean
 
+from . import guard
+from .ground_truth import ALL_RESPONSES
 from .report import summary_table
 from .runner import REPO, Session, Settings
 
 _SESSION = pytest.StashKey[Session]()
+_ROW = "ifbench_row"  # the user_properties name under which a test reports its row
 
 
 def pytest_addoption(parser):
@@ -23,8 +34,21 @@ def pytest_addoption(parser):
     group.addoption("--task", action="append", default=None, metavar="NAME",
                     help=f"task to run (repeatable; default: all): {', '.join(TASKS)}")
     group.addoption("--estimator", action="append", default=None, metavar="SPEC",
-                    help="estimator: a registered name, package.module:Class or path/file.py:Class "
+                    help="estimator: a registered name, package.module:Class or path/file.py:Class, optionally "
+                         "with constructor arguments as Python literals: 'lissa(depth=200,batch_size=64)' "
                          f"(repeatable; default: {', '.join(DEFAULT_ESTIMATORS)})")
+    group.addoption("--estimator-param", action="append", default=None, metavar="KEY=VALUE",
+                    help="constructor argument for every --estimator (repeatable; VALUE is a Python literal, "
+                         "else a string); recorded in the result and part of the row's name")
+    group.addoption("--time-budget", default=None, type=float, metavar="SECONDS",
+                    help="a row whose fit + scores take longer fails (interrupted at the next call of a "
+                         "problem operator, else measured after the fact)")
+    group.addoption("--baseline", default=REPO / "leaderboard" / "baseline.json", type=Path, metavar="PATH",
+                    help="accuracy guard: a row fails when its mean per-query Pearson falls below this "
+                         "baseline's entry minus its tolerance (default: leaderboard/baseline.json; "
+                         "'none' disables the guard)")
+    group.addoption("--update-baseline", action="store_true", default=False,
+                    help="write the rows that ran into --baseline instead of failing on it")
     group.addoption("--scale", default="cpu", choices=SCALES, help="problem sizes (default: cpu)")
     group.addoption("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     group.addoption("--cache-dir", default=None, type=Path,
@@ -34,8 +58,10 @@ def pytest_addoption(parser):
                     help="staged datasets (default: $IFBENCH_DATA_ROOT or ~/.cache/influence-benchmark/data)")
     group.addoption("--results-dir", default=REPO / "leaderboard" / "results", type=Path,
                     help="where the JSON result of every row goes (default: leaderboard/results)")
-    group.addoption("--ground-truth", default="pbrf", choices=("pbrf", "linear"),
-                    help="the response function scores are compared with (default: pbrf)")
+    group.addoption("--ground-truth", default="pbrf", choices=ALL_RESPONSES,
+                    help="the response function scores are compared with (default: pbrf); the retraining "
+                         "ones (cold, warm, proximal; *-controlled: relative to the run with nothing "
+                         "removed) are computed on first use and cached")
 
 
 def _selected(config) -> tuple[list[str], list[str]]:
@@ -44,32 +70,57 @@ def _selected(config) -> tuple[list[str], list[str]]:
         if name not in TASKS:
             raise pytest.UsageError(f"--task: unknown task {name!r}.{did_you_mean(name, TASKS)} "
                                     f"Known tasks: {', '.join(TASKS)}")
-    estimators = config.getoption("--estimator") or list(DEFAULT_ESTIMATORS)
-    for spec in estimators:
+    try:
+        params = dict(parse_param(p) for p in config.getoption("estimator_param") or [])
+    except EstimatorSpecError as exc:
+        raise pytest.UsageError(f"--estimator-param: {exc}") from None
+    estimators = []
+    for spec in config.getoption("--estimator") or list(DEFAULT_ESTIMATORS):
         try:
+            spec = canonical_spec(spec, params)  # the row's name: arguments merged, sorted, no spaces
             make_estimator(spec)
-        except UnknownEstimator as exc:
+        except (UnknownEstimator, EstimatorSpecError) as exc:
             raise pytest.UsageError(f"--estimator: {exc}") from None
         except Exception:
             pass  # constructible or not, a broken estimator is reported as a failed row
+        if spec not in estimators:
+            estimators.append(spec)
     return tasks, estimators
+
+
+def _baseline_path(config) -> Path | None:
+    path = config.getoption("--baseline")
+    return None if str(path).lower() in ("none", "") else Path(path)
 
 
 def pytest_configure(config):
     if not hasattr(config.option, "scale"):
         return
+    config.addinivalue_line("markers", "xdist_group(name): rows of one task (pytest-xdist --dist loadgroup)")
     _selected(config)
+    budget = config.getoption("time_budget")
+    if budget is not None and budget <= 0:
+        raise pytest.UsageError(f"--time-budget: expected a positive number of seconds, got {budget}")
+    baseline = _baseline_path(config)
+    if baseline is not None:
+        try:
+            guard.load(baseline)
+        except ValueError as exc:
+            raise pytest.UsageError(f"--baseline: {exc}") from None
     config.stash[_SESSION] = Session(Settings(
         scale=config.getoption("--scale"), device=config.getoption("--device"),
         cache_dir=config.getoption("--cache-dir"), data_root=config.getoption("--data-root"),
         results_dir=config.getoption("--results-dir"), ground_truth=config.getoption("--ground-truth"),
+        time_budget=budget, baseline=baseline,
     ))
+    config.pluginmanager.register(_Rows(config), "influence-benchmark-rows")
 
 
 def pytest_generate_tests(metafunc):
     if {"task_name", "estimator_spec"} <= set(metafunc.fixturenames):
         tasks, estimators = _selected(metafunc.config)
-        metafunc.parametrize(("task_name", "estimator_spec"), [(t, e) for t in tasks for e in estimators],
+        metafunc.parametrize(("task_name", "estimator_spec"),
+                             [pytest.param(t, e, marks=pytest.mark.xdist_group(t)) for t in tasks for e in estimators],
                              ids=[f"{t}/{e}" for t in tasks for e in estimators])
 
 
@@ -78,20 +129,79 @@ def bench(request) -> Session:
     return request.config.stash[_SESSION]
 
 
+@pytest.fixture
+def record_row(request):
+    """record_row(result): attach the row (without score matrices) to this test's report."""
+
+    def record(result: dict) -> None:
+        slim = {k: v for k, v in result.items() if k not in ("scores", "truth_scores", "removed", "traceback")}
+        request.node.user_properties.append((_ROW, json.loads(json.dumps(slim, default=str))))
+
+    return record
+
+
+@pytest.fixture
+def guard_enforced(request) -> bool:
+    """Whether a row below its baseline fails (not while --update-baseline rewrites it)."""
+    return not request.config.getoption("--update-baseline")
+
+
+class _Rows:
+    """Collects the rows from the test reports (in the xdist controller too), updates the baseline."""
+
+    def __init__(self, config):
+        self.config = config
+        self.rows: list[dict] = []
+        self.notes: list[str] = []
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call":
+            self.rows.extend(value for name, value in report.user_properties if name == _ROW)
+
+    def ordered(self) -> list[dict]:
+        tasks, estimators = _selected(self.config)
+        position = {(t, e): i for i, (t, e) in enumerate((t, e) for t in tasks for e in estimators)}
+        return sorted(self.rows, key=lambda r: position.get((r["task"], r["estimator"]), len(position)))
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session):
+        if hasattr(self.config, "workerinput") or not self.config.getoption("--update-baseline"):
+            return
+        path = _baseline_path(self.config)
+        if path is None:
+            self.notes.append("--update-baseline: no --baseline file to write (--baseline none)")
+            return
+        written = guard.update(path, self.rows)
+        self.notes.append(f"baseline updated: {len(written)} entr{'y' if len(written) == 1 else 'ies'} written to "
+                          f"{path}" + ("" if written else " (no row succeeded)"))
+
+
 def pytest_report_header(config):
     if _SESSION not in config.stash:
         return None
     s = config.stash[_SESSION]
+    budget = f" time budget={s.settings.time_budget:g}s" if s.settings.time_budget else ""
     return (f"influence benchmark: scale={s.settings.scale} device={s.settings.device} "
-            f"ground truth={s.settings.ground_truth} cache={s.cache.root} data={s.data_root}")
+            f"ground truth={s.settings.ground_truth} cache={s.cache.root} data={s.data_root} "
+            f"baseline={s.settings.baseline}{budget}")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if _SESSION not in config.stash or not config.stash[_SESSION].rows:
+    plugin = config.pluginmanager.get_plugin("influence-benchmark-rows")
+    if _SESSION not in config.stash or plugin is None or hasattr(config, "workerinput"):
         return
     session = config.stash[_SESSION]
-    terminalreporter.section(f"influence benchmark ({session.settings.scale} scale, "
-                             f"against {session.settings.ground_truth})")
-    terminalreporter.write_line(summary_table(session.rows))
-    if session.settings.results_dir:
-        terminalreporter.write_line(f"results: {session.settings.results_dir / session.settings.scale}")
+    rows = plugin.ordered()
+    if rows:
+        terminalreporter.section(f"influence benchmark ({session.settings.scale} scale, "
+                                 f"against {session.settings.ground_truth})")
+        terminalreporter.write_line(summary_table(rows))
+        missing = [f"{r['task']}/{r['estimator']}" for r in rows
+                   if (r.get("guard") or {}).get("status") == "no baseline"]
+        if missing and not config.getoption("--update-baseline"):
+            terminalreporter.write_line(f"note: {len(missing)} row(s) have no baseline entry and passed the accuracy "
+                                        f"guard unchecked: {', '.join(missing)}")
+        if session.settings.results_dir:
+            terminalreporter.write_line(f"results: {session.settings.results_dir / session.settings.scale}")
+    for note in plugin.notes:
+        terminalreporter.write_line(note)

@@ -10,6 +10,7 @@ chunked over training examples to bound memory. Every operator adds to `problem.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -63,8 +64,24 @@ class FunctionalModel:
             for p, v in zip(self.module.parameters(), torch.split(theta, self.numels)):
                 p.copy_(v.view_as(p))
 
+    def set_buffers(self, buffers: dict[str, Tensor]) -> None:
+        """Freeze the buffers (batch-norm running statistics) at these values, in the module too
+        (each converted to its buffer's device and dtype)."""
+        current = dict(self.module.named_buffers())
+        with torch.no_grad():
+            for k, v in buffers.items():
+                current[k].copy_(v.to(device=current[k].device, dtype=current[k].dtype))
+        self.buffers = {k: b.detach() for k, b in self.module.named_buffers()}
+
     def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
         return functional_call(self.module, (self.unflatten(theta), self.buffers), (x,))
+
+
+class TimeBudgetExceeded(BaseException):
+    """Raised by the problem's operators once the row's time budget has run out. A BaseException
+    (like KeyboardInterrupt), so that an estimator's `except Exception` does not swallow it. It is
+    raised at the entry of an operator call like any ordinary exception, never from a signal
+    handler (which can fire inside torch internals and leave forward-mode AD levels behind)."""
 
 
 @dataclass
@@ -79,8 +96,13 @@ class EvaluationCounter:
 
     def __init__(self) -> None:
         self.counts = Counter()
+        #: time.monotonic() after which every operator call raises TimeBudgetExceeded (the
+        #: harness sets it around an estimator's fit and scores under --time-budget)
+        self.deadline: float | None = None
 
     def add(self, kind: str, n: int) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeBudgetExceeded("the time budget ran out (checked when an operator of the problem was called)")
         self.counts[kind] += int(n)
 
     @property
@@ -274,5 +296,5 @@ def flat_norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=-1)
 
 
-__all__ = ["Batch", "FunctionalModel", "EvaluationCounter", "Problem", "output_hessians", "psd_sqrt",
-           "flat_norm"]
+__all__ = ["Batch", "FunctionalModel", "EvaluationCounter", "Problem", "TimeBudgetExceeded", "output_hessians",
+           "psd_sqrt", "flat_norm"]

@@ -15,6 +15,17 @@ def _with_ci(row: dict, key: str) -> str:
     return f"{row[key]:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{row[key]:.3f}"
 
 
+def _guard(verdict: dict | None) -> str:
+    """The accuracy guard's verdict in a few characters (benchmark/guard.py)."""
+    if not verdict:
+        return "–"
+    if verdict["status"] == "fail":
+        return f"FAIL: {verdict['shortfall']:.3f} below {verdict['threshold']:.3f}"
+    if verdict["status"] == "pass":
+        return f"ok (≥ {verdict['threshold']:.3f})"
+    return {"no baseline": "no baseline", "not applicable": "–"}.get(verdict["status"], verdict["status"])
+
+
 def summary_table(rows: list[dict]) -> str:
     """One line per row: correlations with bootstrap intervals, output distance, cost."""
     table = []
@@ -26,7 +37,8 @@ def summary_table(rows: list[dict]) -> str:
             _fmt(r.get("seconds"), ".2f"), _fmt(r.get("evaluations"), ",d"),
             _fmt(gt.get("converged_fraction"), ".0%"),
             "ok" if r["status"] == "ok" else f"FAILED: {str(r.get('error'))[:60]}",
+            _guard(r.get("guard")),
         ])
     headers = ["task", "estimator", "pearson [95% CI]", "spearman [95% CI]", "pooled P", "out dist (rel)",
-               "seconds", "evaluations", "GT conv.", "status"]
+               "seconds", "evaluations", "GT conv.", "status", "guard"]
     return tabulate(table, headers=headers, tablefmt="github")

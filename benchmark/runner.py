@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import subprocess
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from estimators import ParameterEstimator, make_estimator
+from estimators import ParameterEstimator, canonical_spec, make_estimator, parse_spec
 from tasks import check_scale, get_task
 
+from . import guard
 from .cache import Cache
 from .ground_truth import GroundTruth, build_problem, load_ground_truth
 from .measure import measure
 from .metrics import correlations, output_distance
-from .problem import Problem
+from .problem import Batch, Problem, TimeBudgetExceeded
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,7 +44,13 @@ class Settings:
     data_root: Path | None = None
     results_dir: Path | None = None
     ground_truth: str = "pbrf"
+    #: spec -> constructor arguments added to that spec's own (`lissa(depth=200)`); the row is
+    #: named by the combined canonical spec
     estimator_params: dict = field(default_factory=dict)
+    #: seconds of fit + scores allowed per row (None: no limit); see Session._score
+    time_budget: float | None = None
+    #: the accuracy guard's baseline (benchmark/guard.py); None: no guard
+    baseline: Path | None = None
 
 
 def git_commit() -> str:
@@ -62,15 +70,28 @@ def _snapshot(problem: Problem) -> list[torch.Tensor]:
     return [t.detach().clone() for t in tensors]
 
 
-def _check_unchanged(problem: Problem, snapshot: list[torch.Tensor]) -> None:
+def _restore_if_changed(problem: Problem, snapshot: list[torch.Tensor]) -> list[str]:
+    """Put back every problem tensor that differs from `snapshot`; returns the names of those."""
     now = [problem.params, problem.train.inputs, problem.train.targets, problem.query.inputs,
            problem.query.targets, *problem.model.buffers.values()]
     names = ["params", "train inputs", "train targets", "query inputs", "query targets",
              *(f"buffer {k}" for k in problem.model.buffers)]
-    for name, before, after in zip(names, snapshot, now):
-        if before.shape != after.shape or not torch.equal(before, after):
-            raise EstimatorFailure(f"the estimator modified the problem's {name}; estimators must treat the "
-                                   "problem as read-only (clone tensors before changing them)")
+    changed = [name for name, before, after in zip(names, snapshot, now)
+               if before.shape != after.shape or not torch.equal(before, after)]
+    if changed:
+        params, x_tr, y_tr, x_q, y_q, *buffers = (t.clone() for t in snapshot)
+        problem.params = params
+        problem.train, problem.query = Batch(x_tr, y_tr), Batch(x_q, y_q)
+        for key, value in zip(list(problem.model.buffers), buffers):
+            problem.model.buffers[key] = value
+    return changed
+
+
+def _check_unchanged(problem: Problem, snapshot: list[torch.Tensor]) -> None:
+    changed = _restore_if_changed(problem, snapshot)
+    if changed:
+        raise EstimatorFailure(f"the estimator modified the problem's {', '.join(changed)}; estimators must "
+                               "treat the problem as read-only (clone tensors before changing them)")
 
 
 def _as_scores(value, n_query: int, n_removed: int) -> torch.Tensor:
@@ -116,6 +137,7 @@ class Session:
         self.data_root = Path(settings.data_root) if settings.data_root else default_data_root()
         self._tasks: dict[str, tuple | BaseException] = {}
         self.rows: list[dict] = []
+        self._baseline: dict | None = None
 
     def task_state(self, task_name: str) -> tuple[Problem, GroundTruth, bool]:
         """(problem, ground truth, ground truth was cached); a failure is remembered and re-raised."""
@@ -135,6 +157,7 @@ class Session:
     def run(self, task_name: str, estimator_spec: str) -> dict:
         """Score one estimator on one task; returns the result (also written as JSON)."""
         s = self.settings
+        estimator_spec = canonical_spec(estimator_spec, s.estimator_params.get(estimator_spec))
         result = {
             "task": task_name, "estimator": estimator_spec, "scale": s.scale, "ground_truth": s.ground_truth,
             "status": "failed", "error": None,
@@ -144,8 +167,10 @@ class Session:
             "seconds": None, "seconds_fit": None, "seconds_scores": None, "peak_memory_mb": None,
             "evaluations": None, "evaluations_by_kind": None,
             "provenance": {
-                "commit": git_commit(), "torch": torch.__version__, "python": platform.python_version(),
-                "device": s.device, "threads": torch.get_num_threads(),
+                "commit": git_commit(), "torch": torch.__version__, "numpy": np.__version__,
+                "python": platform.python_version(), "platform": platform.platform(),
+                "device": s.device, "device_name": _device_name(s.device), "threads": torch.get_num_threads(),
+                "scale": s.scale, "seed": None, "ground_truth_key": None, "time_budget": s.time_budget,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             },
         }
@@ -157,6 +182,7 @@ class Session:
         result.update({"n_train": problem.n_train, "n_params": problem.n_params, "n_removed": len(gt.removed),
                        "n_query": len(problem.query), "damping": problem.damping,
                        "weight_decay": problem.weight_decay, "dtype": str(problem.dtype).replace("torch.", "")})
+        result["provenance"].update(seed=problem.seed, ground_truth_key=_response_key(gt.key, s.ground_truth))
         try:
             truth_scores = gt.scores(s.ground_truth).numpy()
             result["ground_truth_certificate"] = ground_truth_summary(gt, s.ground_truth)
@@ -167,17 +193,33 @@ class Session:
             result["traceback"] = traceback.format_exc(limit=-4)
         finally:
             problem.counter.reset()
+        if s.baseline is not None:
+            result["guard"] = guard.verdict(result, self.baseline(), str(s.baseline))
         return self._finish(result)
+
+    def baseline(self) -> dict:
+        """The accuracy guard's baseline (read once per session)."""
+        if self._baseline is None:
+            self._baseline = guard.load(self.settings.baseline)
+        return self._baseline
 
     def _score(self, result: dict, problem: Problem, gt: GroundTruth, truth: np.ndarray, spec: str) -> None:
         s = self.settings
-        estimator = make_estimator(spec, **s.estimator_params.get(spec, {}))
+        result["estimator_overrides"] = _plain(parse_spec(spec)[1])
+        estimator = make_estimator(spec)
         result["estimator_params"] = {k: repr(v) if not isinstance(v, (int, float, str, bool, type(None))) else v
                                       for k, v in estimator.get_params().items()} if hasattr(
             estimator, "get_params") else {}
+        result["provenance"]["estimator_seed"] = result["estimator_params"].get("seed")
         removed = gt.removed.to(problem.device)
         snapshot = _snapshot(problem)
         problem.counter.reset()
+        budget = s.time_budget
+        # Under a time budget every operator of the problem raises TimeBudgetExceeded once the
+        # deadline has passed (an ordinary exception at a call boundary: the process stays sound);
+        # an estimator that overruns without calling an operator is caught after the fact below.
+        started = time.monotonic()
+        problem.counter.deadline = None if budget is None else started + budget
         try:
             with measure(s.device) as fit_m:
                 fitted = estimator.fit(problem)
@@ -191,20 +233,36 @@ class Session:
                     raw = estimator.scores_from_change(delta, problem.query)
                 else:
                     raw = estimator.scores(removed, problem.query)
+            problem.counter.deadline = None
+            if budget is not None and fit_m.seconds + score_m.seconds > budget:
+                raise EstimatorFailure(f"time budget exceeded: fit + scores took {fit_m.seconds + score_m.seconds:.1f} s, "
+                                       f"more than --time-budget {budget:g} s")
             scores = _as_scores(raw, len(problem.query), len(removed))
+            evaluations = problem.counter.as_dict()  # fit + scores only, not the extra call below
             if isinstance(estimator, ParameterEstimator) and delta is None:
                 delta = estimator.parameter_change(removed)
+        except TimeBudgetExceeded:
+            _restore_if_changed(problem, snapshot)
+            raise EstimatorFailure(f"time budget exceeded: interrupted after {time.monotonic() - started:.1f} s of "
+                                   f"fit + scores, more than --time-budget {budget:g} s") from None
         except EstimatorFailure:
+            _restore_if_changed(problem, snapshot)
             raise
         except Exception as exc:
+            _restore_if_changed(problem, snapshot)
             raise EstimatorFailure(f"the estimator raised {type(exc).__name__}: {exc}") from exc
+        finally:
+            problem.counter.deadline = None
         _check_unchanged(problem, snapshot)
         result.update(correlations(scores.numpy(), truth, seed=problem.seed))
+        # the score matrices themselves, for scatter plots and re-analysis (Q × R, 10 digits)
+        result.update({"removed": gt.removed.tolist(), "scores": _rounded(scores.numpy()),
+                       "truth_scores": _rounded(truth)})
         result.update({
             "seconds_fit": fit_m.seconds, "seconds_scores": score_m.seconds,
             "seconds": fit_m.seconds + score_m.seconds,
             "peak_memory_mb": max(fit_m.peak_memory_mb, score_m.peak_memory_mb),
-            "evaluations": problem.counter.total, "evaluations_by_kind": problem.counter.as_dict(),
+            "evaluations": evaluations["total"], "evaluations_by_kind": evaluations,
             "solver": getattr(estimator, "solver_", None),
         })
         if delta is not None:
@@ -230,16 +288,55 @@ class Session:
         return result
 
 
+def _device_name(device: str) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _response_key(key: str, response: str) -> str:
+    """The cache key of one response function from GroundTruth.key ("pbrf:…,linear:…" or one key)."""
+    parts = dict(p.split(":", 1) for p in str(key).split(",") if ":" in p)
+    return parts.get(response, str(key))
+
+
+def _plain(params: dict) -> dict:
+    return {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in params.items()}
+
+
+def _rounded(matrix: np.ndarray) -> list[list[float]]:
+    return [[float(f"{v:.10g}") for v in row] for row in np.asarray(matrix, dtype=np.float64)]
+
+
 def result_path(result: dict, results_dir: Path) -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", result["estimator"]).strip("_")
     return results_dir / result["scale"] / f"{result['task']}__{safe}__{result['ground_truth']}.json"
+
+
+def _dumps(result: dict) -> str:
+    """Indented JSON, with the score matrices one row per line (not one number per line)."""
+    matrices = {k: result[k] for k in ("removed", "scores", "truth_scores") if isinstance(result.get(k), list)}
+    text = json.dumps({**result, **{k: f"@@{k}@@" for k in matrices}}, indent=2, sort_keys=False, default=str)
+    for k, value in matrices.items():
+        if value and isinstance(value[0], list):
+            dumped = "[\n    " + ",\n    ".join(json.dumps(row) for row in value) + "\n  ]"
+        else:
+            dumped = json.dumps(value)
+        text = text.replace(f'"@@{k}@@"', dumped, 1)
+    return text
 
 
 def write_result(result: dict, results_dir: Path) -> Path:
     path = result_path(result, results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.write_text(_dumps(result) + "\n")
     os.replace(tmp, path)
     return path
 

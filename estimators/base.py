@@ -30,6 +30,10 @@ class Estimator(ABC):
     #: a short description shown in the leaderboard
     description: str = ""
 
+    #: False for baselines that ignore curvature (e.g. grad-dot): the conformance checks then
+    #: require only a positive correlation with the closed-form influence, not its values
+    uses_curvature: bool = True
+
     def get_params(self) -> dict:
         """The hyperparameters, read from `__init__`'s signature (recorded in every result)."""
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]

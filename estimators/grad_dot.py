@@ -11,6 +11,7 @@ from .base import Estimator
 
 class GradDot(Estimator):
     description = "gradient dot product (identity curvature), a baseline"
+    uses_curvature = False
 
     def __init__(self):
         pass

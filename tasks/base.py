@@ -46,11 +46,12 @@ class Splits:
 class Recipe:
     """How the base model θˢ is trained from θ⁰.
 
-    optimizer: "lbfgs" (full batch, to convergence) or "sgd" (minibatch, optional momentum).
+    optimizer: "lbfgs" (full batch, to convergence), "sgd" (minibatch, optional momentum) or
+    "adam" (minibatch Adam, betas (0.9, 0.999), eps 1e-8; `momentum` unused).
     weight_decay enters the objective as (wd/2)‖θ‖².
     """
 
-    optimizer: Literal["lbfgs", "sgd"]
+    optimizer: Literal["lbfgs", "sgd", "adam"]
     epochs: int
     batch_size: int | None = None
     lr: float = 1.0
@@ -68,7 +69,11 @@ class GroundTruthConfig:
     n_removed: R training examples removed one at a time; n_query: Q query examples;
     n_eval: size of the fixed subset of training inputs on which outputs are stored;
     pbrf_tol: the PBRF is converged when ‖∇J(θ)‖ ≤ pbrf_tol · ε‖∇ℓₘ(θˢ)‖;
-    dense_max_params: a dense d×d solve is used when d ≤ this, float64 CG otherwise.
+    dense_max_params: a dense d×d solve is used when d ≤ this, float64 CG otherwise;
+    removed_chunk: solve the PBRF / linearized PBRF for this many removed examples at a time
+    (None: all R at once); example_chunk: training examples per vmapped chunk of the problem's
+    operators (None: the Problem default, 1024). Both bound memory only; they enter the cache
+    key only when set, so existing keys are unchanged.
     """
 
     n_removed: int
@@ -78,6 +83,8 @@ class GroundTruthConfig:
     pbrf_max_steps: int = 50
     linear_rtol: float = 1e-10
     dense_max_params: int = 16384
+    removed_chunk: int | None = None
+    example_chunk: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,407 @@
+"""The leaderboard page from the result JSONs: `python -m benchmark.leaderboard`.
+
+Reads <results-dir>/<scale>/*.json (one per row, written by the benchmark) and writes
+
+    <out>/LEADERBOARD.md   one section per scale (never mixing scales) and ground truth:
+                           tasks × estimators, ground-truth certificates, provenance
+    <out>/results.csv      every row of every scale, flat
+    <out>/figures/*.png    per task a scatter of predicted against true scores, and per scale a
+                           bar chart of the main number (skipped, with a note, without matplotlib)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import re
+import sys
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCALE_ORDER = ("smoke", "cpu", "paper")
+
+CSV_COLUMNS = [
+    "scale", "ground_truth", "task", "estimator", "status", "pearson", "pearson_ci_low", "pearson_ci_high",
+    "spearman", "spearman_ci_low", "spearman_ci_high", "pearson_pooled", "spearman_pooled",
+    "output_distance_relative", "seconds", "seconds_fit", "seconds_scores", "peak_memory_mb", "evaluations",
+    "n_train", "n_params", "n_removed", "n_query", "gt_converged_fraction", "gt_median_relative_gradient_norm",
+    "gt_max_relative_gradient_norm", "gt_key", "commit", "torch", "device", "device_name", "threads", "seed",
+    "date", "estimator_params", "error", "file",
+]
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+def load_results(results_dir: Path) -> list[dict]:
+    """Every readable result under results_dir/<scale>/*.json (unreadable ones are skipped with a warning)."""
+    rows = []
+    for path in sorted(Path(results_dir).glob("*/*.json")):
+        try:
+            row = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"skipping {path}: {exc}")
+            continue
+        if not isinstance(row, dict) or not {"task", "estimator", "scale", "status"} <= set(row):
+            warnings.warn(f"skipping {path}: not a benchmark result")
+            continue
+        if row["scale"] != path.parent.name:
+            warnings.warn(f"{path} says scale {row['scale']!r} but lies under {path.parent.name}/; using "
+                          f"{row['scale']!r}")
+        row["_file"] = str(path)
+        rows.append(row)
+    return rows
+
+
+def _task_order(tasks) -> list[str]:
+    try:
+        from tasks import TASKS
+        known = list(TASKS)
+    except Exception:  # the page can be built without the task registry
+        known = []
+    return sorted(set(tasks), key=lambda t: (known.index(t) if t in known else len(known), t))
+
+
+def _estimator_order(specs) -> list[str]:
+    try:
+        from estimators import REGISTRY
+        known = list(REGISTRY)
+    except Exception:
+        known = []
+    return sorted(set(specs), key=lambda e: (known.index(e) if e in known else len(known), e))
+
+
+def _group(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["scale"], row.get("ground_truth", "pbrf"))].append(row)
+    order = lambda k: (SCALE_ORDER.index(k[0]) if k[0] in SCALE_ORDER else len(SCALE_ORDER), k[0],
+                       k[1] != "pbrf", k[1])
+    return {k: groups[k] for k in sorted(groups, key=order)}
+
+
+# ---- formatting ------------------------------------------------------------------------------------
+
+def _num(value, spec=".3f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, spec)
+
+
+def _ci(row: dict, key: str) -> str:
+    ci = row.get(f"{key}_ci")
+    return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def _best(rows: list[dict]) -> set[int]:
+    """ids of the ok rows with the highest main number as shown (3 decimals; ties: all)."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get("pearson") is not None]
+    if not ok:
+        return set()
+    top = max(round(r["pearson"], 3) for r in ok)
+    return {id(r) for r in ok if round(r["pearson"], 3) >= top}
+
+
+def _certificate_rows(rows: list[dict], tasks: list[str]) -> tuple[list[list], list[str]]:
+    table, warnings_ = [], []
+    for task in tasks:
+        certs = [r.get("ground_truth_certificate") for r in rows if r["task"] == task and r.get("ground_truth_certificate")]
+        if not certs:
+            table.append([task, "–", "–", "–", "–", "–", "(no row got as far as the ground truth)"])
+            continue
+        keys = sorted({str(c.get("key")) for c in certs})
+        if len(keys) > 1:
+            warnings_.append(f"rows of {task} were scored against different ground truths ({'; '.join(keys)}): "
+                             "rerun them with one cache")
+        c = certs[0]
+        any_row = next(r for r in rows if r["task"] == task and r.get("ground_truth_certificate"))
+        size = f"{any_row.get('n_removed', '?')} × {any_row.get('n_query', '?')}"
+        counts = ", ".join(f"{k} {v}" for k, v in (c.get("status_counts") or {}).items())
+        if "converged_fraction" in c:
+            table.append([task, size, _num(c.get("converged_fraction"), ".0%"),
+                          _num(c.get("median_relative_gradient_norm"), ".1e"),
+                          _num(c.get("max_relative_gradient_norm"), ".1e"), counts or "–", f"`{keys[0]}`"])
+        else:  # an exactly solved response (the linearized PBRF): its residual instead
+            table.append([task, size, "exact", "–", _num(c.get("max_relative_residual"), ".1e") + " (residual)",
+                          c.get("method", "–"), f"`{keys[0]}`"])
+    return table, warnings_
+
+
+def _provenance(rows: list[dict]) -> str:
+    prov = [r.get("provenance") or {} for r in rows]
+    pick = lambda key: sorted({str(p.get(key)) for p in prov if p.get(key) is not None})
+    dates = pick("date")
+    devices = sorted({f"{p.get('device')} ({p.get('device_name')})" if p.get("device_name") else str(p.get("device"))
+                      for p in prov if p.get("device")})
+    parts = [f"commit {', '.join(pick('commit')) or '–'}", f"torch {', '.join(pick('torch')) or '–'}",
+             f"device {', '.join(devices) or '–'}", f"threads {', '.join(pick('threads')) or '–'}",
+             f"seed {', '.join(pick('seed')) or '–'}",
+             f"date {dates[0]} … {dates[-1]}" if len(dates) > 1 else f"date {dates[0] if dates else '–'}"]
+    mixed = [k for k in ("commit", "torch", "device") if len(pick(k)) > 1]
+    line = "Provenance: " + "; ".join(parts) + "."
+    if mixed:
+        line += f" ⚠ rows come from more than one {' / '.join(mixed)}: compare them with care."
+    return line
+
+
+# ---- figures ---------------------------------------------------------------------------------------
+
+def _matplotlib():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except Exception as exc:  # ImportError, or a broken backend
+        return exc
+
+
+def scatter_figure(plt, task: str, rows: list[dict], path: Path) -> bool:
+    """Predicted against true scores, one panel per estimator, colour = query."""
+    rows = [r for r in rows if r["status"] == "ok" and r.get("scores") and r.get("truth_scores")]
+    if not rows:
+        return False
+    n = len(rows)
+    cols = min(n, 4)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.0 * nrows), squeeze=False)
+    for ax, row in zip(axes.ravel(), rows):
+        pred, truth = row["scores"], row["truth_scores"]
+        for q, (p_q, t_q) in enumerate(zip(pred, truth)):
+            ax.scatter(t_q, p_q, s=10, alpha=0.8, color=plt.cm.tab10(q % 10))
+        flat_t = [v for r_ in truth for v in r_]
+        flat_p = [v for r_ in pred for v in r_]
+        lo, hi = min(flat_t), max(flat_t)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
+        p_lo, p_hi = min(flat_p), max(flat_p)
+        pad = 0.08 * ((p_hi - p_lo) or abs(p_hi) or 1.0)
+        ax.set_ylim(p_lo - pad, p_hi + pad)  # the estimator's own range: a mis-scaled one still shows its ranking
+        ax.set_title(f"{row['estimator'][:40]}\nPearson {row['pearson']:.3f}", fontsize=9)
+        ax.set_xlabel(f"{row.get('ground_truth', 'pbrf')} Δ loss", fontsize=8)
+        ax.set_ylabel("predicted", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.ticklabel_format(style="sci", scilimits=(-2, 2))
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    fig.suptitle(f"{task} ({rows[0]['scale']} scale): predicted vs true test-loss change, colour = query",
+                 fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def bar_figure(plt, rows: list[dict], tasks: list[str], estimators: list[str], title: str, path: Path) -> bool:
+    """Mean per-query Pearson per estimator, grouped by task, with 95 % bootstrap intervals."""
+    by = {(r["task"], r["estimator"]): r for r in rows if r["status"] == "ok" and r.get("pearson") is not None}
+    if not by:
+        return False
+    width = 0.8 / max(len(estimators), 1)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(tasks) * max(1, len(estimators)) + 2),
+                                    3.6 + 0.25 * math.ceil(len(estimators) / 4)))
+    for i, est in enumerate(estimators):
+        xs, ys, errs = [], [], [[], []]
+        for j, task in enumerate(tasks):
+            r = by.get((task, est))
+            if r is None:
+                continue
+            xs.append(j + (i - (len(estimators) - 1) / 2) * width)
+            ys.append(r["pearson"])
+            ci = r.get("pearson_ci") or [r["pearson"], r["pearson"]]
+            errs[0].append(max(r["pearson"] - ci[0], 0.0))
+            errs[1].append(max(ci[1] - r["pearson"], 0.0))
+        if xs:
+            ax.bar(xs, ys, width=width, yerr=errs, capsize=2, label=est, color=plt.cm.tab10(i % 10))
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, fontsize=8)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_ylim(min(-0.1, min(r["pearson"] for r in by.values()) - 0.1), 1.05)
+    ax.set_ylabel("mean per-query Pearson", fontsize=9)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=min(len(estimators), 4), loc="upper center", bbox_to_anchor=(0.5, -0.12),
+              frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---- the page ----------------------------------------------------------------------------------------
+
+HOW = """\
+How the numbers are computed (DESIGN.md §1–2):
+
+- Each task trains a base model θˢ, removes R training examples one at a time (a downweighting
+  by ε = 1/N) and records, for Q held-out queries, the true change of the query loss under the
+  ground-truth response function: Δ[q, m] = ℓ_q(θ₋ₘ) − ℓ_q(θˢ), by default with θ₋ₘ the
+  minimiser of the proximal Bregman response function (PBRF). An estimator predicts S[q, m].
+- **Main number: the mean over queries of the Pearson correlation across removed examples**
+  between S[q, ·] and Δ[q, ·], with a 95 % percentile bootstrap interval over removed examples
+  (1000 resamples). Spearman is the same with ranks. **Bold**: the best main number of a task
+  (ties: all).
+- seconds: wall time of `fit` + scoring on the device listed under provenance (not comparable
+  across machines); evaluations: a hardware-free count of model evaluations (forward passes,
+  per-example gradients, curvature–vector products, per example and per vector).
+- Scales differ in data, model size, R and Q: every scale has its own tables, and numbers from
+  different scales are not comparable.
+- Ground-truth certificate, per task: the fraction of removed examples whose PBRF solve met
+  ‖∇J‖ ≤ tol · ε‖∇ℓₘ(θˢ)‖, and the median and largest relative gradient norm ‖∇J‖ / (ε‖∇ℓₘ‖)
+  at the returned points. A low converged fraction means the ground truth itself is uncertain.
+"""
+
+
+def build_page(rows: list[dict], out: Path, results_dir: Path, figures: bool = True) -> str:
+    out = Path(out)
+    plt = _matplotlib() if figures else None
+    lines = ["# Leaderboard", "",
+             f"Generated by `python -m benchmark.leaderboard` from {len(rows)} result file(s) in "
+             f"`{_display(results_dir)}` on {datetime.date.today().isoformat()}; do not edit by hand.", "", HOW]
+    if figures and not hasattr(plt, "subplots"):
+        lines += [f"*Figures skipped: matplotlib could not be imported ({plt}); `pip install matplotlib`.*", ""]
+        plt = None
+    if not rows:
+        lines += ["No results yet: run `pytest benchmark/ --scale smoke` first.", ""]
+    for (scale, gt), group in _group(rows).items():
+        tasks = _task_order(r["task"] for r in group)
+        ests = _estimator_order(r["estimator"] for r in group)
+        against = "the PBRF" if gt == "pbrf" else f"`{gt}`"
+        lines += [f"## {scale} scale, against {against}", "", _provenance(group), ""]
+        by = {(r["task"], r["estimator"]): r for r in group}
+        # at a glance: tasks × estimators
+        glance = []
+        for task in tasks:
+            best = _best([by[(task, e)] for e in ests if (task, e) in by])
+            cells = [task]
+            for est in ests:
+                r = by.get((task, est))
+                if r is None:
+                    cells.append("")
+                elif r["status"] != "ok":
+                    cells.append("failed")
+                else:
+                    text = f"{r['pearson']:.3f}"
+                    cells.append((f"**{text}**" if id(r) in best else text) + _ci(r, "pearson"))
+            glance.append(cells)
+        lines += ["Mean per-query Pearson [95 % bootstrap interval]:", "",
+                  _table(["task"] + [f"`{e}`" for e in ests], glance), ""]
+        # details
+        detail = []
+        for task in tasks:
+            best = _best([by[(task, e)] for e in ests if (task, e) in by])
+            for est in ests:
+                r = by.get((task, est))
+                if r is None:
+                    continue
+                if r["status"] != "ok":
+                    detail.append([task, f"`{est}`", "–", "–", "–", "–", "–", f"failed: {str(r.get('error'))[:120]}"])
+                    continue
+                main = f"{r['pearson']:.3f}"
+                detail.append([task, f"`{est}`", (f"**{main}**" if id(r) in best else main) + _ci(r, "pearson"),
+                               _num(r.get("spearman")) + _ci(r, "spearman"), _num(r.get("output_distance_relative")),
+                               _num(r.get("seconds"), ".2f"), _num(r.get("evaluations"), ",d"), "ok"])
+        lines += ["Per row:", "",
+                  _table(["task", "estimator", "Pearson [95 % CI]", "Spearman [95 % CI]", "output dist. (rel.)",
+                          "seconds", "evaluations", "status"], detail), ""]
+        cert, cert_warnings = _certificate_rows(group, tasks)
+        lines += [f"Ground truth (`{gt}`) per task:", "",
+                  _table(["task", "R × Q", "converged", "median rel. ‖∇J‖", "max rel. ‖∇J‖", "stop reasons",
+                          "cache key"], cert), ""]
+        lines += [f"⚠ {w}" for w in cert_warnings] + ([""] if cert_warnings else [])
+        if plt is not None:
+            stem = f"{_slug(scale)}-{_slug(gt)}"
+            links = []
+            bar = out / "figures" / f"{stem}-pearson.png"
+            if bar_figure(plt, group, tasks, ests, f"{scale} scale, against {gt}: mean per-query Pearson", bar):
+                lines += [f"![mean per-query Pearson, {scale} scale](figures/{bar.name})", ""]
+            for task in tasks:
+                fig = out / "figures" / f"{stem}-{_slug(task)}-scatter.png"
+                if scatter_figure(plt, task, [by[(task, e)] for e in ests if (task, e) in by], fig):
+                    links.append(f"[{task}](figures/{fig.name})")
+            if links:
+                lines += ["Predicted against true scores: " + " · ".join(links), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def csv_rows(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        cert = r.get("ground_truth_certificate") or {}
+        prov = r.get("provenance") or {}
+        p_ci, s_ci = r.get("pearson_ci") or [None, None], r.get("spearman_ci") or [None, None]
+        out.append({
+            **{k: r.get(k) for k in ("scale", "ground_truth", "task", "estimator", "status", "pearson", "spearman",
+                                     "pearson_pooled", "spearman_pooled", "output_distance_relative", "seconds",
+                                     "seconds_fit", "seconds_scores", "peak_memory_mb", "evaluations", "n_train",
+                                     "n_params", "n_removed", "n_query", "error")},
+            "pearson_ci_low": p_ci[0], "pearson_ci_high": p_ci[1],
+            "spearman_ci_low": s_ci[0], "spearman_ci_high": s_ci[1],
+            "gt_converged_fraction": cert.get("converged_fraction"),
+            "gt_median_relative_gradient_norm": cert.get("median_relative_gradient_norm"),
+            "gt_max_relative_gradient_norm": cert.get("max_relative_gradient_norm"),
+            "gt_key": prov.get("ground_truth_key") or cert.get("key"),
+            **{k: prov.get(k) for k in ("commit", "torch", "device", "device_name", "threads", "seed", "date")},
+            "estimator_params": json.dumps(r.get("estimator_params") or {}, sort_keys=True),
+            "file": _display(Path(r["_file"])) if r.get("_file") else None,
+        })
+    return out
+
+
+def write(results_dir: Path, out: Path, figures: bool = True) -> tuple[Path, Path, int]:
+    rows = load_results(results_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    page = out / "LEADERBOARD.md"
+    page.write_text(build_page(rows, out, results_dir, figures))
+    table = out / "results.csv"
+    ordered = [r for group in _group(rows).values() for r in group]
+    with open(table, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(csv_rows(ordered))
+    return page, table, len(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmark.leaderboard", description=__doc__.splitlines()[0])
+    parser.add_argument("--results-dir", type=Path, default=REPO / "leaderboard" / "results",
+                        help="where the result JSONs are, one folder per scale (default: leaderboard/results)")
+    parser.add_argument("--out", type=Path, default=REPO / "leaderboard",
+                        help="where LEADERBOARD.md, results.csv and figures/ go (default: leaderboard)")
+    parser.add_argument("--no-figures", action="store_true", help="do not draw the PNG figures")
+    args = parser.parse_args(argv)
+    if not args.results_dir.is_dir():
+        print(f"no results directory {args.results_dir}: run `pytest benchmark/` first", file=sys.stderr)
+        return 2
+    page, table, n = write(args.results_dir, args.out, figures=not args.no_figures)
+    print(f"{n} result(s) -> {page}, {table}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
