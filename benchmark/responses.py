@@ -158,7 +158,9 @@ def pbrf(problem: Problem, removed: Tensor, curvature: DampedGaussNewton) -> tup
     directions of a multi-layer net), so the solve stays local: a row whose ‖Δ‖ exceeds
     `basin_factor` times its first Gauss–Newton step is stopped as "left_basin". On ReLU nets
     ∇J_m jumps where a unit changes sign, so a row can also stop "stalled" above the tolerance:
-    no step lowers J_m, or ‖∇J_m‖ has not halved in `stall_window` steps.
+    no step lowers J_m, or ‖∇J_m‖ has not halved in `stall_window` steps. A row that ends with a
+    larger gradient than it started from is "diverged". The harness leaves left_basin and
+    diverged rows out of its scores (benchmark.runner.untrusted_rows).
     The certificate gives, per removed example, the relative gradient norm, steps and status.
     """
     settings = curvature.settings
@@ -216,7 +218,8 @@ def pbrf(problem: Problem, removed: Tensor, curvature: DampedGaussNewton) -> tup
             elif active[r] and far[r]:
                 status[r], stopped[r] = "left_basin", True
     converged = rel <= settings.pbrf_tol
-    status = ["converged" if c else s for c, s in zip(converged.tolist(), status)]
+    status = ["converged" if c else "diverged" if r > 1.0 else s
+              for c, r, s in zip(converged.tolist(), rel.tolist(), status)]
     certificate = {
         "relative_gradient_norm": rel.tolist(),
         "steps": steps.tolist(),

@@ -107,6 +107,17 @@ def _as_scores(value, n_query: int, n_removed: int) -> torch.Tensor:
     return value.detach().to("cpu", torch.float64)
 
 
+def untrusted_rows(certificate: dict) -> np.ndarray:
+    """Removed examples with no local solution of their response function, (R,) bool: the solve
+    left the basin around θˢ, or ended with a larger gradient than it started from
+    (relative gradient norm > 1). They are left out of the correlations and counted."""
+    statuses = certificate.get("status")
+    rel = certificate.get("relative_gradient_norm")
+    if statuses is None or rel is None:
+        return np.zeros(0, dtype=bool)
+    return np.array([s == "left_basin" or r > 1.0 for s, r in zip(statuses, rel)], dtype=bool)
+
+
 def ground_truth_summary(gt: GroundTruth, response: str) -> dict:
     """How accurate the ground truth is, in a few numbers."""
     cert = gt.response(response)["certificate"]
@@ -120,6 +131,7 @@ def ground_truth_summary(gt: GroundTruth, response: str) -> dict:
             "max_relative_gradient_norm": float(rel.max()),
             "tolerance": cert["tolerance"],
             "status_counts": {s: statuses.count(s) for s in sorted(set(statuses))},
+            "untrusted": int(untrusted_rows(cert).sum()),
         })
     if "max_relative_residual" in cert:
         out.update({"method": cert["method"], "max_relative_residual": cert["max_relative_residual"]})
@@ -254,7 +266,10 @@ class Session:
         finally:
             problem.counter.deadline = None
         _check_unchanged(problem, snapshot)
-        result.update(correlations(scores.numpy(), truth, seed=problem.seed))
+        bad = untrusted_rows(gt.response(self.settings.ground_truth)["certificate"])
+        keep = ~bad if bad.size else np.ones(truth.shape[1], dtype=bool)
+        result.update(correlations(scores.numpy()[:, keep], truth[:, keep], seed=problem.seed))
+        result["n_removed_scored"] = int(keep.sum())
         # the score matrices themselves, for scatter plots and re-analysis (Q × R, 10 digits)
         result.update({"removed": gt.removed.tolist(), "scores": _rounded(scores.numpy()),
                        "truth_scores": _rounded(truth)})
@@ -275,8 +290,11 @@ class Session:
         eval_inputs = problem.train.inputs[gt.eval_idx.to(problem.device)]
         with torch.no_grad():
             outputs = torch.stack([problem.model(problem.params + d, eval_inputs) for d in delta]).cpu().numpy()
-        pbrf = gt.response("pbrf")["outputs"].numpy()
-        dist = output_distance(outputs, pbrf)
+        pbrf_response = gt.response("pbrf")
+        keep = ~untrusted_rows(pbrf_response["certificate"])
+        keep = keep if keep.size else np.ones(len(gt.removed), dtype=bool)
+        pbrf = pbrf_response["outputs"].numpy()[keep]
+        dist = output_distance(outputs[keep], pbrf)
         effect = output_distance(gt.base_outputs.numpy()[None], pbrf)
         result.update({"output_distance": float(dist.mean()), "output_distance_std": float(dist.std()),
                        "output_distance_relative": float(dist.mean() / max(effect.mean(), 1e-300))})
