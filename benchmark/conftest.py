@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from estimators import (DEFAULT_ESTIMATORS, EstimatorSpecError, UnknownEstimator, canonical_spec, make_estimator,
                         parse_param)
@@ -50,6 +51,9 @@ def pytest_addoption(parser):
     group.addoption("--update-baseline", action="store_true", default=False,
                     help="write the rows that ran into --baseline instead of failing on it")
     group.addoption("--scale", default="cpu", choices=SCALES, help="problem sizes (default: cpu)")
+    group.addoption("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: 1 at smoke scale, where operations are small and "
+                         "threads only add overhead; torch's default otherwise)")
     group.addoption("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     group.addoption("--cache-dir", default=None, type=Path,
                     help="trained models and ground truth (default: $IFBENCH_CACHE_DIR or "
@@ -107,6 +111,9 @@ def pytest_configure(config):
             guard.load(baseline)
         except ValueError as exc:
             raise pytest.UsageError(f"--baseline: {exc}") from None
+    threads = config.getoption("--threads") or (1 if config.getoption("--scale") == "smoke" else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
     config.stash[_SESSION] = Session(Settings(
         scale=config.getoption("--scale"), device=config.getoption("--device"),
         cache_dir=config.getoption("--cache-dir"), data_root=config.getoption("--data-root"),
