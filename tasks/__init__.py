@@ -6,9 +6,13 @@ import difflib
 from .base import SCALES, GroundTruthConfig, Recipe, ScaleConfig, Splits, Task, check_scale
 from .logistic import CancerLR, DiabetesLR
 from .mlp import ConcreteMLP, EnergyMLP, FashionMLP, MnistMLP
+from .autoencoder import MnistAutoencoder
+from .cnn import CNN_TASKS
+from .transformer import PTBTransformer
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (
-    CancerLR, DiabetesLR, ConcreteMLP, EnergyMLP, MnistMLP, FashionMLP)}
+    CancerLR, DiabetesLR, ConcreteMLP, EnergyMLP, MnistMLP, FashionMLP, MnistAutoencoder, *CNN_TASKS,
+    PTBTransformer)}
 
 
 def did_you_mean(name: str, choices) -> str:
