@@ -36,7 +36,8 @@ def summary_table(rows: list[dict]) -> str:
             _fmt(r.get("pearson_pooled")), _fmt(r.get("output_distance_relative")),
             _fmt(r.get("seconds"), ".2f"), _fmt(r.get("evaluations"), ",d"),
             _fmt(gt.get("converged_fraction"), ".0%"),
-            "ok" if r["status"] == "ok" else f"FAILED: {str(r.get('error'))[:60]}",
+            {"ok": "ok", "no_ground_truth": "no ground truth (see result)"}.get(
+                r["status"], f"FAILED: {str(r.get('error'))[:60]}"),
             _guard(r.get("guard")),
         ])
     headers = ["task", "estimator", "pearson [95% CI]", "spearman [95% CI]", "pooled P", "out dist (rel)",

@@ -32,6 +32,14 @@ from .problem import Batch, Problem, TimeBudgetExceeded
 REPO = Path(__file__).resolve().parent.parent
 
 
+#: fewer trusted removed examples than this and no correlation is measured
+MIN_TRUSTED_REMOVED = 3
+
+
+class NoGroundTruth(RuntimeError):
+    """Too few removed examples have a local solution of the response function at this scale."""
+
+
 class EstimatorFailure(RuntimeError):
     """The estimator misbehaved (its own error, bad output, or it changed the problem)."""
 
@@ -198,8 +206,16 @@ class Session:
         try:
             truth_scores = gt.scores(s.ground_truth).numpy()
             result["ground_truth_certificate"] = ground_truth_summary(gt, s.ground_truth)
+            trusted = len(gt.removed) - int(untrusted_rows(gt.response(s.ground_truth)["certificate"]).sum())
+            if trusted < MIN_TRUSTED_REMOVED:
+                raise NoGroundTruth(
+                    f"only {trusted} of {len(gt.removed)} removed examples have a trusted {s.ground_truth} solution "
+                    f"(the others left the basin around θˢ or diverged), so no correlation can be measured at "
+                    f"{s.scale} scale; the certificate in the result says more")
             self._score(result, problem, gt, truth_scores, estimator_spec)
             result["status"] = "ok"
+        except NoGroundTruth as exc:
+            result["status"], result["error"] = "no_ground_truth", str(exc)
         except Exception as exc:
             result["error"] = f"{type(exc).__name__}: {exc}"
             result["traceback"] = traceback.format_exc(limit=-4)
