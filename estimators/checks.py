@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmark.problem import Batch, FunctionalModel, Problem
+from benchmark.training import lbfgs
+from tasks.base import Recipe
 
 from .base import Estimator, NotFittedError
 
@@ -147,17 +149,9 @@ def mlp_problem(n_train: int = 48, n_query: int = 5, sizes: tuple[int, int, int]
     module = _TinyMLP(n_in, hidden, n_out)
     torch.random.set_rng_state(state)
     model = FunctionalModel(module)
-    th = model.flatten().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([th], max_iter=train_steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        value = _cross_entropy(model(th, X), y).mean() + 0.5 * weight_decay * th.pow(2).sum()
-        value.backward()
-        return value
-
-    opt.step(closure)
-    return Problem(task="check-mlp", scale="smoke", model=model, params=th.detach().clone(), train=Batch(X, y),
+    theta = lbfgs(model, _cross_entropy, Batch(X, y), model.flatten(),
+                  Recipe("lbfgs", epochs=train_steps, weight_decay=weight_decay))
+    return Problem(task="check-mlp", scale="smoke", model=model, params=theta, train=Batch(X, y),
                    query=Batch(Xq, yq), loss=_cross_entropy, damping=damping, weight_decay=weight_decay,
                    seed=seed)
 
