@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.problem import Batch, FunctionalModel, Problem
+from benchmark.training import lbfgs
+from tasks.base import Recipe
 
 DTYPE = torch.float64
 
@@ -111,17 +113,8 @@ def make_mlp(sizes: tuple[int, ...] = (5, 4, 4, 3), activation: str = "tanh", n_
     if train_steps and key in _TRAINED:
         theta = _TRAINED[key].clone()
     elif train_steps:  # a few full-batch L-BFGS steps so that θ is not a random initialisation
-        th = theta.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([th], max_iter=train_steps, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            value = cross_entropy(model(th, X), y).mean() + 0.5 * weight_decay * th.pow(2).sum()
-            value.backward()
-            return value
-
-        opt.step(closure)
-        theta = th.detach()
+        theta = lbfgs(model, cross_entropy, Batch(X, y), theta,
+                      Recipe("lbfgs", epochs=train_steps, weight_decay=weight_decay))
         _TRAINED[key] = theta.clone()
     return Problem(task="mlp", scale="smoke", model=model, params=theta, train=Batch(X, y),
                    query=Batch(Xq, yq), loss=cross_entropy, damping=damping, weight_decay=weight_decay,

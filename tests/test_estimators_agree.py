@@ -17,6 +17,8 @@ from torch import nn
 
 from benchmark.metrics import correlations, output_distance
 from benchmark.problem import Batch, FunctionalModel, Problem
+from benchmark.training import lbfgs
+from tasks.base import Recipe
 from estimators import CG, REGISTRY, Exact, GradDot, LiSSA, ParameterEstimator, make_estimator
 
 REMOVED = torch.tensor([0, 5, 9, 17, 29])
@@ -35,17 +37,8 @@ def logistic_problem(n_train: int = 30, p: int = 4, damping: float = 0.1, wd: fl
     yq = (torch.rand(6, generator=g, dtype=torch.float64) < torch.sigmoid(Xq @ w)).double()
     torch.manual_seed(0)
     model = FunctionalModel(nn.Linear(p, 1).double())
-    th = model.flatten().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([th], max_iter=50, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        v = bce(model(th, X), y).mean() + 0.5 * wd * th.pow(2).sum()
-        v.backward()
-        return v
-
-    opt.step(closure)
-    return Problem(task="logistic", scale="smoke", model=model, params=th.detach(), train=Batch(X, y),
+    theta = lbfgs(model, bce, Batch(X, y), model.flatten(), Recipe("lbfgs", epochs=50, weight_decay=wd))
+    return Problem(task="logistic", scale="smoke", model=model, params=theta, train=Batch(X, y),
                    query=Batch(Xq, yq), loss=bce, damping=damping, weight_decay=wd, seed=0)
 
 
