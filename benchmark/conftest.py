@@ -1,8 +1,12 @@
 """The benchmark as a pytest plugin: `pytest benchmark/ [options]`.
 
 Each test is one row, task × estimator; the run ends with a summary table and leaves one
-JSON result per row in --results-dir/<scale>/. A row also fails when its main number falls
-below the committed baseline (--baseline, benchmark/guard.py).
+JSON result per row in --results-dir/<scale>/. With --decomposition (the default at smoke
+scale) one more test per task computes the five-gap decomposition and Table 2 over every
+response function (benchmark/decomposition.py), reusing the rows' estimates, and leaves
+--results-dir/<scale>/decomposition/<task>.json; `python -m benchmark.leaderboard` renders them.
+A row also fails when its main number falls below the committed baseline (--baseline,
+benchmark/guard.py).
 
 Parallel runs (pytest-xdist, `-n 2`): every worker builds its own Session; the ground truth
 cache's per-entry locks make each entry computed once. Each test attaches its row (without the
@@ -28,6 +32,7 @@ from .runner import REPO, Session, Settings
 
 _SESSION = pytest.StashKey[Session]()
 _ROW = "ifbench_row"  # the user_properties name under which a test reports its row
+_DECOMPOSITION = "ifbench_decomposition"  # ... and a decomposition test its summary
 
 
 def pytest_addoption(parser):
@@ -66,6 +71,11 @@ def pytest_addoption(parser):
                     help="the response function scores are compared with (default: pbrf); the retraining "
                          "ones (cold, warm, proximal; *-controlled: relative to the run with nothing "
                          "removed) are computed on first use and cached")
+    group.addoption("--decomposition", dest="decomposition", action="store_true", default=None,
+                    help="also run the five-gap decomposition and Table 2 per task (cold, warm and proximal "
+                         "retraining, computed on first use and cached; default: on at smoke scale only)")
+    group.addoption("--no-decomposition", dest="decomposition", action="store_false",
+                    help="do not run the decomposition (also at smoke scale)")
 
 
 def _selected(config) -> tuple[list[str], list[str]]:
@@ -123,12 +133,31 @@ def pytest_configure(config):
     config.pluginmanager.register(_Rows(config), "influence-benchmark-rows")
 
 
+def _decomposition_on(config) -> bool:
+    on = config.getoption("decomposition")
+    return config.getoption("--scale") == "smoke" if on is None else on
+
+
 def pytest_generate_tests(metafunc):
     if {"task_name", "estimator_spec"} <= set(metafunc.fixturenames):
         tasks, estimators = _selected(metafunc.config)
         metafunc.parametrize(("task_name", "estimator_spec"),
                              [pytest.param(t, e, marks=pytest.mark.xdist_group(t)) for t in tasks for e in estimators],
                              ids=[f"{t}/{e}" for t in tasks for e in estimators])
+    if "decomposition_task" in metafunc.fixturenames:
+        # the same xdist group as the task's rows: the same worker, after them, reusing their estimates
+        tasks, _ = _selected(metafunc.config)
+        metafunc.parametrize("decomposition_task", [pytest.param(t, marks=pytest.mark.xdist_group(t)) for t in tasks],
+                             ids=tasks)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config.option, "scale") or _decomposition_on(config):
+        return
+    off = [item for item in items if "decomposition_task" in getattr(item, "fixturenames", ())]
+    if off:
+        items[:] = [item for item in items if item not in off]
+        config.hook.pytest_deselected(items=off)
 
 
 @pytest.fixture(scope="session")
@@ -148,6 +177,23 @@ def record_row(request):
 
 
 @pytest.fixture
+def estimator_specs(request) -> list[str]:
+    """The selected estimators (canonical specs), in order."""
+    return _selected(request.config)[1]
+
+
+@pytest.fixture
+def record_decomposition(request):
+    """record_decomposition(result): attach a decomposition's summary to this test's report."""
+
+    def record(r: dict) -> None:
+        from .decomposition import summarize
+        request.node.user_properties.append((_DECOMPOSITION, summarize(r)))
+
+    return record
+
+
+@pytest.fixture
 def guard_enforced(request) -> bool:
     """Whether a row below its baseline fails (not while --update-baseline rewrites it)."""
     return not request.config.getoption("--update-baseline")
@@ -159,11 +205,13 @@ class _Rows:
     def __init__(self, config):
         self.config = config
         self.rows: list[dict] = []
+        self.decompositions: list[dict] = []
         self.notes: list[str] = []
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call":
             self.rows.extend(value for name, value in report.user_properties if name == _ROW)
+            self.decompositions.extend(value for name, value in report.user_properties if name == _DECOMPOSITION)
 
     def ordered(self) -> list[dict]:
         tasks, estimators = _selected(self.config)
@@ -210,5 +258,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                         f"guard unchecked: {', '.join(missing)}")
         if session.settings.results_dir:
             terminalreporter.write_line(f"results: {session.settings.results_dir / session.settings.scale}")
+    if plugin.decompositions:
+        from .decomposition import decomposition_summary
+        order = {t: i for i, t in enumerate(TASKS)}
+        terminalreporter.section(f"decomposition ({session.settings.scale} scale; gaps relative to d(θˢ, PBRF))")
+        terminalreporter.write_line(decomposition_summary(sorted(plugin.decompositions,
+                                                                 key=lambda d: order.get(d["task"], 999))))
+        if session.settings.results_dir:
+            terminalreporter.write_line(f"decomposition results: {session.settings.results_dir / session.settings.scale}"
+                                        "/decomposition (`python -m benchmark.leaderboard` renders DECOMPOSITION.md)")
     for note in plugin.notes:
         terminalreporter.write_line(note)

@@ -9,45 +9,53 @@ over the removed examples:
   proximity gap         d(warm, proximal)
   non-convergence gap   d(proximal, pbrf)
   linearization error   d(pbrf, linear)
-  solver error          d(linear, estimator)   for each iterative estimator (cg, lissa)
+  solver error          d(linear, estimator)   for each estimator that returns a parameter change
 
 plus the paper's Table 2: Pearson and Spearman correlation of each estimator's scores with the
-test-loss differences of cold-start retraining, warm-start retraining and the PBRF.
+test-loss differences of cold-start retraining, warm-start retraining and the PBRF. Removed
+examples whose PBRF solve has no local solution (benchmark.runner.untrusted_rows) are left out
+of every number, as in the leaderboard, and counted.
 
-    python -m benchmark.decomposition --scale smoke [--task NAME ...] [--data-root DIR] [--cache-dir DIR]
+Computed per task by `pytest benchmark/` (on by default at smoke scale, `--decomposition`
+elsewhere; the estimators' rows of the same run are reused) or by
 
-writes leaderboard/DECOMPOSITION.md and leaderboard/figures/decomposition-<task>.png.
-Problems, ground truths (cached; the retraining responses are computed on first use) and
-estimators come from benchmark.runner.Session and estimators.make_estimator.
+    python -m benchmark.decomposition --scale cpu [--task NAME ...] [--estimator SPEC ...]
+
+both of which write one JSON per task to <results-dir>/<scale>/decomposition/<task>.json.
+`python -m benchmark.leaderboard` (which the command above also runs) renders those into
+leaderboard/DECOMPOSITION.md and leaderboard/figures/decomposition-<scale>-<task>.png.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from tabulate import tabulate
 
-from estimators import DEFAULT_ESTIMATORS, ParameterEstimator, make_estimator
+from estimators import DEFAULT_ESTIMATORS
 from tasks import SCALES, TASKS
 
 from .metrics import correlations, output_distance
-from .runner import REPO, Session, Settings, git_commit
+from .runner import MIN_TRUSTED_REMOVED, REPO, NoGroundTruth, Session, Settings, git_commit, untrusted_rows
 
-#: (label, response a, response b) of the first four gaps; the solver error follows per estimator
+#: (label, response a, response b) of the first four gaps; a solver error per estimator follows
 GAPS = (
     ("warm-start gap", "cold", "warm"),
     ("proximity gap", "warm", "proximal"),
     ("non-convergence gap", "proximal", "pbrf"),
     ("linearization error", "pbrf", "linear"),
 )
-SOLVERS = ("cg", "lissa")
 TABLE2_TRUTHS = ("cold", "warm", "pbrf")
 RETRAINING_RESPONSES = ("cold", "cold-controlled", "warm", "warm-controlled", "proximal")
+RESPONSE_NAMES = ("pbrf", "linear", *RETRAINING_RESPONSES)
 
 EXPLANATION = """\
 Each gap is the distance between two consecutive response functions of the paper's Table 1,
@@ -62,7 +70,7 @@ mean relative to the size of the effect itself, d(θˢ, PBRF).
 | proximity gap | `warm`, `proximal` | the damping λ of the influence estimate acts as a proximity term (λ/2)‖θ − θˢ‖² added to warm-start retraining |
 | non-convergence gap | `proximal`, `pbrf` | θˢ is not a minimum of the training objective; the PBRF replaces the training loss by a Bregman divergence to θˢ's outputs, of which θˢ is the minimum |
 | linearization error | `pbrf`, `linear` | the PBRF vs. its first-order (linearized) solution ε (G + (wd+λ)I)⁻¹ ∇ℓₘ, solved exactly |
-| solver error | `linear`, estimator | the linear system solved approximately by the estimator (truncated CG, LiSSA) with its default settings |
+| solver error | `linear`, estimator | the linear system solved approximately by the estimator (truncated CG, LiSSA) with its default settings; `exact` solves the same system as `linear` and shows the floating-point floor |
 
 `cold` and `warm` are the raw retraining responses (the paper's definitions, reference θˢ).
 Continued training moves θ even with nothing removed; the *drift-controlled* variants
@@ -70,6 +78,10 @@ Continued training moves θ even with nothing removed; the *drift-controlled* va
 seed and batch order). The drift table gives how far the raw variants move from the controlled
 ones and the warm-start gap between the controlled variants. Per-query correlations are identical
 for the two variants (they differ by a constant per query), so Table 2 uses the raw ones.
+
+Removed examples whose PBRF solve left the basin around θˢ or diverged (no local solution; see
+the leaderboard's ground-truth certificates) are left out of every gap and of Table 2, and the
+number left out is given per task.
 """
 
 DIFFERENCES = """\
@@ -93,87 +105,156 @@ Differences from the paper:
 """
 
 
-def _fmt(x: float) -> str:
+
+def _fmt(x) -> str:
     return "–" if x is None or not np.isfinite(x) else f"{x:.3g}"
 
 
-def _pm(values: np.ndarray) -> str:
-    return f"{_fmt(float(values.mean()))} ± {_fmt(float(values.std()))}"
+def _pm(values) -> str:
+    values = np.asarray(values, dtype=float)
+    return f"{_fmt(float(values.mean()))} ± {_fmt(float(values.std()))}" if values.size else "–"
 
 
-def _estimator_results(problem, gt, spec: str) -> dict:
-    """Fit one estimator; its scores (Q, R) and, for parameter estimators, its outputs."""
-    removed = gt.removed.to(problem.device)
-    est = make_estimator(spec).fit(problem)
-    out = {"scores": None, "outputs": None}
-    if isinstance(est, ParameterEstimator):
-        delta = est.parameter_change(removed)
-        eval_inputs = problem.train.inputs[gt.eval_idx.to(problem.device)]
-        with torch.no_grad():
-            out["outputs"] = torch.stack([problem.model(problem.params + d, eval_inputs) for d in delta]).cpu().numpy()
-        out["scores"] = est.scores_from_change(delta, problem.query).detach().cpu().numpy()
-    else:
-        out["scores"] = est.scores(removed, problem.query).detach().cpu().numpy()
-    problem.counter.reset()
-    return out
+def _list(values: np.ndarray) -> list[float]:
+    return [float(v) for v in np.asarray(values, dtype=float)]
 
 
-def decompose(session: Session, task_name: str, estimators=DEFAULT_ESTIMATORS, solvers=SOLVERS) -> dict:
-    """Gaps, drift, Table 2 and certificates of one task (numbers only)."""
+def decompose(session: Session, task_name: str, estimators=DEFAULT_ESTIMATORS) -> dict:
+    """Gaps, drift, Table 2 and certificates of one task, as plain JSON-serialisable numbers.
+
+    Per-removed-example distances are lists over the trusted removed examples (those with a
+    local PBRF solution); estimator scores and outputs come from session.estimate (the rows
+    already scored in this session, else fitted now). Raises NoGroundTruth when fewer than
+    MIN_TRUSTED_REMOVED removed examples are trusted."""
     problem, gt, _ = session.task_state(task_name)
-    names = ("pbrf", "linear", *RETRAINING_RESPONSES)
-    outputs = {n: gt.response(n)["outputs"].numpy() for n in names}
+    bad = untrusted_rows(gt.response("pbrf")["certificate"])
+    keep = ~bad if bad.size else np.ones(len(gt.removed), dtype=bool)
+    if keep.sum() < MIN_TRUSTED_REMOVED:
+        raise NoGroundTruth(f"only {int(keep.sum())} of {len(gt.removed)} removed examples have a trusted PBRF "
+                            f"solution at {session.settings.scale} scale: no decomposition")
+    outputs = {n: gt.response(n)["outputs"].numpy()[keep] for n in RESPONSE_NAMES}
     base = gt.base_outputs.numpy()[None]
     est = {}
-    for spec in dict.fromkeys((*solvers, *estimators)):
+    for spec in dict.fromkeys(estimators):
         try:
-            est[spec] = _estimator_results(problem, gt, spec)
+            est[spec] = session.estimate(task_name, spec)
         except Exception as exc:  # an estimator's failure is reported, the rest goes on
             est[spec] = {"error": f"{type(exc).__name__}: {exc}"}
-    effect = output_distance(base, outputs["pbrf"])
-    gaps = []
-    for label, a, b in GAPS:
-        gaps.append({"gap": label, "between": f"{a} / {b}", "d": output_distance(outputs[a], outputs[b])})
-    for spec in solvers:
-        if est[spec].get("outputs") is not None:
-            gaps.append({"gap": f"solver error ({spec})", "between": f"linear / {spec}",
-                         "d": output_distance(outputs["linear"], est[spec]["outputs"])})
-        else:
+
+    def gap(label, a, b, out_a, out_b):
+        return {"gap": label, "between": f"{a} / {b}", "d": _list(output_distance(out_a, out_b))}
+
+    gaps = [gap(label, a, b, outputs[a], outputs[b]) for label, a, b in GAPS]
+    for spec, e in est.items():
+        if e.get("outputs") is not None:
+            gaps.append(gap(f"solver error ({spec})", "linear", spec, outputs["linear"], e["outputs"][keep]))
+        elif "error" in e:
             gaps.append({"gap": f"solver error ({spec})", "between": f"linear / {spec}", "d": None,
-                         "error": est[spec].get("error", "no parameter change")})
+                         "error": e["error"]})
     drift = [
-        {"quantity": "cold drift d(cold, cold-controlled)", "d": output_distance(outputs["cold"], outputs["cold-controlled"])},
-        {"quantity": "warm drift d(warm, warm-controlled)", "d": output_distance(outputs["warm"], outputs["warm-controlled"])},
+        {"quantity": "cold drift d(cold, cold-controlled)", **_d(outputs["cold"], outputs["cold-controlled"])},
+        {"quantity": "warm drift d(warm, warm-controlled)", **_d(outputs["warm"], outputs["warm-controlled"])},
         {"quantity": "warm-start gap, controlled: d(cold-controlled, warm-controlled)",
-         "d": output_distance(outputs["cold-controlled"], outputs["warm-controlled"])},
-        {"quantity": "effect of removal, raw warm: d(θˢ, warm)", "d": output_distance(base, outputs["warm"])},
+         **_d(outputs["cold-controlled"], outputs["warm-controlled"])},
+        {"quantity": "effect of removal, raw warm: d(θˢ, warm)", **_d(base, outputs["warm"])},
         {"quantity": "effect of removal, controlled warm: d(θˢ, warm-controlled)",
-         "d": output_distance(base, outputs["warm-controlled"])},
+         **_d(base, outputs["warm-controlled"])},
     ]
     table2 = []
-    for spec in estimators:
+    for spec, e in est.items():
         row = {"estimator": spec}
-        if est[spec].get("scores") is None:
-            row["error"] = est[spec].get("error")
+        if e.get("scores") is None:
+            row["error"] = e.get("error")
         else:
             for truth in TABLE2_TRUTHS:
-                c = correlations(est[spec]["scores"], gt.scores(truth).numpy(), seed=problem.seed)
-                row[truth] = (c["pearson"], c["spearman"])
+                c = correlations(e["scores"][:, keep], gt.scores(truth).numpy()[:, keep], seed=problem.seed)
+                row[truth] = [c["pearson"], c["spearman"]]
         table2.append(row)
     certificates = {}
-    for n in names:
+    for n in RESPONSE_NAMES:
         cert = gt.response(n)["certificate"]
         rel = np.asarray(cert.get("relative_gradient_norm", []), dtype=float)
+        converged = cert.get("converged")
         certificates[n] = {
             "seconds": cert.get("seconds"),
-            "converged": float(np.mean(cert["converged"])) if isinstance(cert.get("converged"), list) else cert.get("converged"),
+            "converged": float(np.mean(converged)) if isinstance(converged, list) else converged,
             "median_rel_grad": float(np.median(rel)) if rel.size else None,
             "length": cert.get("epochs", cert.get("iterations", cert.get("steps"))),
         }
-    return {"task": task_name, "n_train": problem.n_train, "n_params": problem.n_params,
-            "n_removed": len(gt.removed), "n_eval": len(gt.eval_idx), "n_query": len(problem.query),
-            "effect": effect, "gaps": gaps, "drift": drift, "table2": table2, "certificates": certificates}
+    return {"task": task_name, "scale": session.settings.scale, "n_train": problem.n_train,
+            "n_params": problem.n_params, "n_removed": len(gt.removed), "n_trusted": int(keep.sum()),
+            "n_eval": len(gt.eval_idx), "n_query": len(problem.query),
+            "effect": _list(output_distance(base, outputs["pbrf"])), "gaps": gaps, "drift": drift,
+            "table2": table2, "certificates": certificates,
+            "provenance": {"commit": git_commit(), "torch": torch.__version__, "device": session.settings.device,
+                           "threads": torch.get_num_threads(), "ground_truth_key": gt.key,
+                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
 
+
+def _d(a: np.ndarray, b: np.ndarray) -> dict:
+    return {"d": _list(output_distance(a, b))}
+
+
+def relative_gaps(r: dict) -> dict[str, float]:
+    """gap label -> mean gap / mean effect d(θˢ, PBRF) (None where the gap failed)."""
+    effect = float(np.mean(r["effect"]))
+    return {g["gap"]: None if g["d"] is None else float(np.mean(g["d"])) / max(effect, 1e-300) for g in r["gaps"]}
+
+
+def summarize(r: dict) -> dict:
+    """The few numbers of one task's decomposition shown at a glance (JSON-serialisable)."""
+    exact = next((t for t in r["table2"] if t["estimator"] == "exact" and "error" not in t), None)
+    return {"task": r["task"], "effect": float(np.mean(r["effect"])), "relative": relative_gaps(r),
+            "trusted": f"{r['n_trusted']}/{r['n_removed']}",
+            "exact": {t: exact[t][0] for t in TABLE2_TRUTHS} if exact else None}
+
+
+def decomposition_summary(summaries: list[dict], tablefmt: str = "simple") -> str:
+    """One line per task: the effect, the gaps relative to it, and `exact`'s Pearson with cold,
+    warm and the PBRF."""
+    rows = []
+    for s in summaries:
+        solvers = {k.removeprefix("solver error (").rstrip(")"): v for k, v in s["relative"].items()
+                   if k.startswith("solver error")}
+        rows.append([s["task"], s["trusted"], _fmt(s["effect"]), *(_fmt(s["relative"][label]) for label, _, _ in GAPS),
+                     ", ".join(f"{k} {_fmt(v)}" for k, v in solvers.items()) or "–",
+                     *((_fmt2(s["exact"][t]) for t in TABLE2_TRUTHS) if s["exact"] else ["–"] * len(TABLE2_TRUTHS))])
+    headers = ["task", "trusted R", "effect", "warm-start", "proximity", "non-conv.", "linearization", "solver error",
+               *(f"exact vs {t}" for t in TABLE2_TRUTHS)]
+    return tabulate(rows, headers=headers, tablefmt=tablefmt)
+
+
+# ---- storage -------------------------------------------------------------------------------------
+
+def result_path(results_dir: Path, scale: str, task: str) -> Path:
+    return Path(results_dir) / scale / "decomposition" / f"{task}.json"
+
+
+def write_result(r: dict, results_dir: Path) -> Path:
+    path = result_path(results_dir, r["scale"], r["task"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(r, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_results(results_dir: Path) -> list[dict]:
+    """Every readable decomposition under results_dir/<scale>/decomposition/*.json, ordered by
+    scale and the task registry (unreadable files are skipped with a warning)."""
+    out = []
+    for path in sorted(Path(results_dir).glob("*/decomposition/*.json")):
+        try:
+            r = json.loads(path.read_text())
+            if not {"task", "scale", "gaps", "effect", "table2"} <= set(r):
+                raise ValueError("not a decomposition result")
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"skipping {path}: {exc}")
+            continue
+        out.append(r)
+    order = {t: i for i, t in enumerate(TASKS)}
+    scales = {s: i for i, s in enumerate(SCALES)}
+    return sorted(out, key=lambda r: (scales.get(r["scale"], 99), order.get(r["task"], 999), r["task"]))
 
 def _length(value) -> str:
     if value is None:
@@ -184,16 +265,20 @@ def _length(value) -> str:
 
 
 def task_markdown(r: dict, figure: str | None) -> str:
-    lines = [f"## {r['task']}", "",
-             f"N = {r['n_train']}, d = {r['n_params']}, {r['n_removed']} removed examples, {r['n_query']} queries, "
-             f"outputs on {r['n_eval']} training inputs. Size of the effect d(θˢ, PBRF) = {_pm(r['effect'])}.", ""]
-    effect = float(r["effect"].mean())
+    """The section of one task: gaps, figure, drift, Table 2 and certificates."""
+    left_out = r["n_removed"] - r["n_trusted"]
+    lines = [f"### {r['task']}", "",
+             f"N = {r['n_train']}, d = {r['n_params']}, {r['n_removed']} removed examples"
+             + (f" ({left_out} left out: no local PBRF solution)" if left_out else "")
+             + f", {r['n_query']} queries, outputs on {r['n_eval']} training inputs. "
+             f"Size of the effect d(θˢ, PBRF) = {_pm(r['effect'])}.", ""]
+    relative = relative_gaps(r)
     rows = []
     for g in r["gaps"]:
         if g["d"] is None:
             rows.append([g["gap"], g["between"], f"failed: {g.get('error')}", "–"])
         else:
-            rows.append([g["gap"], g["between"], _pm(g["d"]), _fmt(float(g["d"].mean()) / effect)])
+            rows.append([g["gap"], g["between"], _pm(g["d"]), _fmt(relative[g["gap"]])])
     lines += [tabulate(rows, headers=["gap", "between", "d (mean ± std)", "relative to d(θˢ, PBRF)"],
                        tablefmt="github"), ""]
     if figure:
@@ -204,9 +289,9 @@ def task_markdown(r: dict, figure: str | None) -> str:
     rows = []
     for t in r["table2"]:
         if "error" in t:
-            rows.append([t["estimator"], *(["failed"] * 2 * len(TABLE2_TRUTHS))])
+            rows.append([t["estimator"], f"failed: {str(t['error'])[:100]}", *([""] * (2 * len(TABLE2_TRUTHS) - 1))])
         else:
-            rows.append([t["estimator"], *(f"{v:.2f}" for truth in TABLE2_TRUTHS for v in t[truth])])
+            rows.append([t["estimator"], *(_fmt2(v) for truth in TABLE2_TRUTHS for v in t[truth])])
     headers = ["estimator", *(f"{truth} {c}" for truth in TABLE2_TRUTHS for c in ("P", "S"))]
     lines += ["Table 2 (correlation of the estimator's scores with each response's test-loss differences; "
               "P = Pearson, S = Spearman, mean over queries):", "",
@@ -222,6 +307,10 @@ def task_markdown(r: dict, figure: str | None) -> str:
     return "\n".join(lines)
 
 
+def _fmt2(x) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{x:.2f}"
+
+
 def plot_task(r: dict, path: Path) -> bool:
     """A bar chart of the gaps of one task, with the drift-controlled warm-start gap beside the raw
     one (log scale, error bars = std over removed examples); False when matplotlib is missing."""
@@ -233,24 +322,24 @@ def plot_task(r: dict, path: Path) -> bool:
         return False
     gaps = [g for g in r["gaps"] if g["d"] is not None]
     controlled = next(d for d in r["drift"] if d["quantity"].startswith("warm-start gap, controlled"))
-    bars = [(g["gap"].replace(" (", "\n("), g["d"], None) for g in gaps]
-    bars.insert(1, ("warm-start gap\n(drift-controlled)", controlled["d"], "//"))
+    bars = [(g["gap"].replace(" (", "\n("), np.asarray(g["d"]), None) for g in gaps]
+    bars.insert(1, ("warm-start gap\n(drift-controlled)", np.asarray(controlled["d"]), "//"))
     means = np.array([b[1].mean() for b in bars])
     stds = np.array([b[1].std() for b in bars])
-    colors = ["#4c72b0", "#a6bddb", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#999999"]
+    colors = ["#4c72b0", "#a6bddb", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#999999", "#dd8452"]
     fig, ax = plt.subplots(figsize=(9, 4))
     x = np.arange(len(bars))
     floor = max(float(means[means > 0].min()) * 1e-2 if (means > 0).any() else 1e-16, 1e-300)
     container = ax.bar(x, np.maximum(means, floor), yerr=[np.minimum(stds, means * 0.999), stds],
-                       color=colors[:len(bars)], capsize=4)
+                       color=[colors[i % len(colors)] for i in range(len(bars))], capsize=4)
     for patch, (_, _, hatch) in zip(container.patches, bars):
         if hatch:
             patch.set_hatch(hatch)
-    ax.axhline(float(r["effect"].mean()), color="k", ls="--", lw=1, label="effect d(θˢ, PBRF)")
+    ax.axhline(float(np.mean(r["effect"])), color="k", ls="--", lw=1, label="effect d(θˢ, PBRF)")
     ax.set_yscale("log")
     ax.set_xticks(x, [b[0] for b in bars], fontsize=7)
     ax.set_ylabel("mean output distance")
-    ax.set_title(f"{r['task']}: decomposition of influence misalignment")
+    ax.set_title(f"{r['task']} ({r['scale']} scale): decomposition of influence misalignment")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,51 +348,78 @@ def plot_task(r: dict, path: Path) -> bool:
     return True
 
 
+def build_page(results: list[dict], out_dir: Path, figures: bool = True) -> str:
+    """leaderboard/DECOMPOSITION.md from decomposition results (figures under out_dir/figures)."""
+    lines = ["# Decomposition of influence misalignment", "",
+             "Generated by `python -m benchmark.leaderboard` from the decomposition results in "
+             "`leaderboard/results/<scale>/decomposition/` (computed by `python -m benchmark.decomposition "
+             "--scale <scale>` or `pytest benchmark/ --decomposition`); do not edit by hand.", "", EXPLANATION]
+    if not results:
+        lines += ["No decomposition results yet: run `python -m benchmark.decomposition --scale smoke`.", ""]
+    have_plots = True
+    for scale in dict.fromkeys(r["scale"] for r in results):
+        group = [r for r in results if r["scale"] == scale]
+        commits = sorted({r["provenance"]["commit"] for r in group})
+        dates = sorted(r["provenance"]["date"] for r in group)
+        lines += [f"## {scale} scale", "",
+                  f"Tasks: {', '.join(r['task'] for r in group)}; commit {', '.join(commits)}; "
+                  f"torch {group[0]['provenance']['torch']}; device {group[0]['provenance']['device']}; "
+                  f"{dates[0]} … {dates[-1]}.", "", DIFFERENCES.format(scale=scale), ""]
+        lines += ["At a glance: the removed examples with a trusted PBRF, the effect d(θˢ, PBRF), each gap "
+                  "relative to the effect, and the Pearson correlation of `exact` influence with each response:", "",
+                  decomposition_summary([summarize(r) for r in group], tablefmt="github"), ""]
+        for r in group:
+            figure = None
+            if figures:
+                path = Path(out_dir) / "figures" / f"decomposition-{scale}-{r['task']}.png"
+                if plot_task(r, path):
+                    figure = f"figures/{path.name}"
+                else:
+                    have_plots = False
+            lines += [task_markdown(r, figure), ""]
+    if figures and not have_plots:
+        lines.insert(4, "*Figures skipped: matplotlib is not installed (`pip install matplotlib`).*\n")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_page(results_dir: Path, out_dir: Path, figures: bool = True) -> tuple[Path, int]:
+    results = load_results(results_dir)
+    page = Path(out_dir) / "DECOMPOSITION.md"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(build_page(results, out_dir, figures))
+    return page, len(results)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmark.decomposition", description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", default="cpu", choices=SCALES)
     ap.add_argument("--task", action="append", default=None, choices=list(TASKS), help="repeatable; default: all")
+    ap.add_argument("--estimator", action="append", default=None, metavar="SPEC",
+                    help=f"repeatable; default: {', '.join(DEFAULT_ESTIMATORS)}")
     ap.add_argument("--data-root", type=Path, default=None)
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--output", type=Path, default=REPO / "leaderboard" / "DECOMPOSITION.md")
-    ap.add_argument("--figures-dir", type=Path, default=REPO / "leaderboard" / "figures")
+    ap.add_argument("--results-dir", type=Path, default=REPO / "leaderboard" / "results",
+                    help="where the per-task JSON goes (default: leaderboard/results)")
+    ap.add_argument("--out", type=Path, default=REPO / "leaderboard",
+                    help="where DECOMPOSITION.md and figures/ go (default: leaderboard)")
     args = ap.parse_args(argv)
     session = Session(Settings(scale=args.scale, device=args.device, cache_dir=args.cache_dir,
                                data_root=args.data_root, results_dir=None))
-    tasks = args.task or list(TASKS)
-    sections, failures, have_plots = [], [], True
-    for name in tasks:
+    failures = 0
+    for name in args.task or list(TASKS):
         print(f"[decomposition] {name} ({args.scale})", flush=True)
         try:
-            r = decompose(session, name)
-        except Exception as exc:
-            failures.append(f"- {name}: {type(exc).__name__}: {exc}")
+            path = write_result(decompose(session, name, args.estimator or DEFAULT_ESTIMATORS), args.results_dir)
+            print(f"[decomposition] wrote {path}", flush=True)
+        except NoGroundTruth as exc:
+            print(f"[decomposition] {name}: skipped: {exc}", flush=True)
+        except Exception:
+            failures += 1
             traceback.print_exc()
-            continue
-        figure = None
-        fig_path = args.figures_dir / f"decomposition-{name}.png"
-        if plot_task(r, fig_path):
-            try:
-                figure = str(fig_path.relative_to(args.output.parent))
-            except ValueError:
-                figure = str(fig_path)
-        else:
-            have_plots = False
-        sections.append(task_markdown(r, figure))
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    head = ["# Decomposition of influence misalignment", "",
-            f"Scale `{args.scale}`; tasks: {', '.join(tasks)}; commit {git_commit()}; torch {torch.__version__}; "
-            f"{date}. Generated by `python -m benchmark.decomposition --scale {args.scale}`.", "",
-            EXPLANATION, DIFFERENCES.format(scale=args.scale)]
-    if not have_plots:
-        head += ["(matplotlib is not installed: no figures.)", ""]
-    if failures:
-        head += ["Tasks that failed:", "", *failures, ""]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(head + sections).rstrip() + "\n")
-    print(f"[decomposition] wrote {args.output}")
-    return 1 if failures and not sections else 0
+    page, n = write_page(args.results_dir, args.out)
+    print(f"[decomposition] {n} task result(s) -> {page}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

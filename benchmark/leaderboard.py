@@ -7,6 +7,9 @@ Reads <results-dir>/<scale>/*.json (one per row, written by the benchmark) and w
     <out>/results.csv      every row of every scale, flat
     <out>/figures/*.png    per task a scatter of predicted against true scores, and per scale a
                            bar chart of the main number (skipped, with a note, without matplotlib)
+    <out>/DECOMPOSITION.md the five-gap decomposition and Table 2, from
+                           <results-dir>/<scale>/decomposition/*.json (benchmark/decomposition.py),
+                           when there are any
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
+
+from . import decomposition
 
 REPO = Path(__file__).resolve().parent.parent
 SCALE_ORDER = ("smoke", "cpu", "paper")
@@ -400,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     page, table, n = write(args.results_dir, args.out, figures=not args.no_figures)
     print(f"{n} result(s) -> {page}, {table}")
+    if decomposition.load_results(args.results_dir):
+        page, n = decomposition.write_page(args.results_dir, args.out, figures=not args.no_figures)
+        print(f"{n} decomposition result(s) -> {page}")
     return 0
 
 

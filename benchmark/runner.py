@@ -157,6 +157,9 @@ class Session:
         self.data_root = Path(settings.data_root) if settings.data_root else default_data_root()
         self._tasks: dict[str, tuple | BaseException] = {}
         self.rows: list[dict] = []
+        #: (task, canonical spec) -> {"scores": (Q, R), "outputs": (R, n_eval, C) or None} of the
+        #: rows scored in this session, reused by the decomposition (benchmark.decomposition)
+        self.estimates: dict[tuple[str, str], dict] = {}
         self._baseline: dict | None = None
 
     def task_state(self, task_name: str) -> tuple[Problem, GroundTruth, bool]:
@@ -224,6 +227,18 @@ class Session:
         if s.baseline is not None:
             result["guard"] = guard.verdict(result, self.baseline(), str(s.baseline))
         return self._finish(result)
+
+    def estimate(self, task_name: str, estimator_spec: str) -> dict:
+        """{"scores": (Q, R) float64, "outputs": f(θˢ + Δₘ, x_eval) (R, n_eval, C) for parameter
+        estimators, else None} of one estimator on one task: those of its row if this session
+        scored it, else the row is run now (with all of run()'s checks). Raises EstimatorFailure
+        with the row's error when the row failed."""
+        spec = canonical_spec(estimator_spec, self.settings.estimator_params.get(estimator_spec))
+        if (task_name, spec) not in self.estimates:
+            result = self.run(task_name, spec)
+            if (task_name, spec) not in self.estimates:
+                raise EstimatorFailure(f"{task_name} / {spec}: {result['status']}: {result['error']}")
+        return self.estimates[(task_name, spec)]
 
     def baseline(self) -> dict:
         """The accuracy guard's baseline (read once per session)."""
@@ -296,10 +311,11 @@ class Session:
             "evaluations": evaluations["total"], "evaluations_by_kind": evaluations,
             "solver": getattr(estimator, "solver_", None),
         })
-        if delta is not None:
-            self._output_distance(result, problem, gt, delta)
+        outputs = self._output_distance(result, problem, gt, delta) if delta is not None else None
+        self.estimates[(result["task"], spec)] = {"scores": scores.numpy(), "outputs": outputs}
 
-    def _output_distance(self, result: dict, problem: Problem, gt: GroundTruth, delta: torch.Tensor) -> None:
+    def _output_distance(self, result: dict, problem: Problem, gt: GroundTruth, delta: torch.Tensor) -> np.ndarray:
+        """Output distance to the PBRF on the evaluation inputs; returns f(θˢ + Δₘ, x_eval) (R, n_eval, C)."""
         if tuple(delta.shape) != (len(gt.removed), problem.n_params) or not torch.isfinite(delta).all():
             raise EstimatorFailure(f"parameter_change() returned shape {tuple(delta.shape)} or non-finite values; "
                                    f"expected finite (n_removed, d) = ({len(gt.removed)}, {problem.n_params})")
@@ -314,6 +330,7 @@ class Session:
         effect = output_distance(gt.base_outputs.numpy()[None], pbrf)
         result.update({"output_distance": float(dist.mean()), "output_distance_std": float(dist.std()),
                        "output_distance_relative": float(dist.mean() / max(effect.mean(), 1e-300))})
+        return outputs
 
     def _finish(self, result: dict) -> dict:
         self.rows.append(result)

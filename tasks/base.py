@@ -105,6 +105,10 @@ class Task(ABC):
     damping: ClassVar[float] = 1e-3
     dtype: ClassVar[torch.dtype] = torch.float64
     description: ClassVar[str] = ""
+    #: the training objective is strongly convex in θ (a linear model, a convex loss, weight
+    #: decay) and the recipe trains to its optimum: every retraining response then has one
+    #: optimum, so cold- and warm-start retraining agree (checked by the decomposition test)
+    convex: ClassVar[bool] = False
 
     @abstractmethod
     def config(self, scale: Scale) -> ScaleConfig:

@@ -27,6 +27,7 @@ _GROUND_TRUTH = {
 
 class LogisticTask(Task):
     version = 1
+    convex = True
 
     def config(self, scale):
         return ScaleConfig(recipe=_RECIPE, ground_truth=_GROUND_TRUTH[scale])
