@@ -7,6 +7,8 @@ Reads <results-dir>/<scale>/*.json (one per row, written by the benchmark) and w
     <out>/results.csv      every row of every scale, flat
     <out>/figures/*.png    per task a scatter of predicted against true scores, and per scale a
                            bar chart of the main number (skipped, with a note, without matplotlib)
+    and, per scale, the measured ground-truth cost of the tasks without rows there
+                           (<results-dir>/<scale>/cost/*.json, benchmark/cost.py)
     <out>/DECOMPOSITION.md the five-gap decomposition and Table 2, from
                            <results-dir>/<scale>/decomposition/*.json (benchmark/decomposition.py),
                            when there are any
@@ -24,7 +26,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from . import decomposition
+from . import cost, decomposition
 
 REPO = Path(__file__).resolve().parent.parent
 SCALE_ORDER = ("smoke", "cpu", "paper")
@@ -274,6 +276,30 @@ How the numbers are computed (DESIGN.md §1–2):
 """
 
 
+def cost_section(rows: list[dict], costs: list[dict]) -> list[str]:
+    """Per scale, the tasks with a measured ground-truth cost (benchmark.cost) but no rows."""
+    have = {(r["task"], r["scale"]) for r in rows}
+    lines = []
+    for scale in SCALE_ORDER:
+        missing = [c for c in costs if c["scale"] == scale and (c["task"], scale) not in have]
+        if not missing:
+            continue
+        order = {t: i for i, t in enumerate(_task_order(c["task"] for c in missing))}
+        missing.sort(key=lambda c: order[c["task"]])
+        prov = missing[0]["provenance"]
+        lines += [f"## Tasks without {scale}-scale rows: what their ground truth costs", "",
+                  f"These tasks exist at `{scale}` scale but are not in the tables above: their ground truth alone "
+                  f"takes longer than the suite is meant to (an hour for `cpu`). Measured by `python -m "
+                  f"benchmark.cost --scale {scale} --task NAME` (commit {prov['commit']}, device {prov['device']}, "
+                  f"{prov['threads']} thread(s), {prov['date'][:10]}): the base training, one call of each model "
+                  "operator over the N training examples, the damped Gauss–Newton setup (dense G and its Cholesky "
+                  "factor), one PBRF solve (stopped after the stated time), and the projection setup + R × one "
+                  "solve. For meaningful numbers they need the `paper` scale on a GPU: "
+                  "`pytest benchmark/ --scale paper --device cuda --task NAME` (sizes in each task's module "
+                  "docstring).", "", cost.cost_table(missing), ""]
+    return lines
+
+
 def build_page(rows: list[dict], out: Path, results_dir: Path, figures: bool = True) -> str:
     out = Path(out)
     plt = _matplotlib() if figures else None
@@ -343,6 +369,7 @@ def build_page(rows: list[dict], out: Path, results_dir: Path, figures: bool = T
                     links.append(f"[{task}](figures/{fig.name})")
             if links:
                 lines += ["Predicted against true scores: " + " · ".join(links), ""]
+    lines += cost_section(rows, cost.load_results(results_dir))
     return "\n".join(lines).rstrip() + "\n"
 
 

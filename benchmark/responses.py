@@ -108,11 +108,29 @@ class PBRFObjective:
     row, vmapped over rows. D_L is evaluated term by term in output space (no cancellation
     between large sums)."""
 
+    #: f(θˢ, x) over the training set (and the loss gradients there) are kept when they hold at
+    #: most this many numbers (1 GiB in float64), else recomputed chunk by chunk in every call:
+    #: a language model's logits are N × sequence length × vocabulary
+    STORE_BASE_OUTPUTS_MAX = 2 ** 27
+
     def __init__(self, problem: Problem, removed: Tensor, mu: float):
         self.problem, self.mu = problem, mu
         self.x_m, self.t_m = problem.train.inputs[removed], problem.train.targets[removed]
-        self.base_outputs = problem.outputs(problem.train.inputs)  # (N, C)
-        self.base_output_grads = grad(lambda o: problem.loss(o, problem.train.targets).sum())(self.base_outputs)
+        first = problem.outputs(problem.train.inputs[:1])
+        self.stored = problem.n_train * first.numel() <= self.STORE_BASE_OUTPUTS_MAX
+        if self.stored:
+            self.base_outputs, self.base_output_grads = self._base(problem.train.inputs, problem.train.targets)
+
+    def _base(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """f(θˢ, x) (n, C) and ∂/∂y L(y, t) at y = f(θˢ, x) (n, C)."""
+        p = self.problem
+        ys = p.outputs(x)
+        return ys, grad(lambda o: p.loss(o, t).sum())(ys)
+
+    def _base_chunk(self, start: int, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        if self.stored:
+            return self.base_outputs[start:start + len(x)], self.base_output_grads[start:start + len(x)]
+        return self._base(x, t)
 
     def value_and_gradient(self, Delta: Tensor) -> tuple[Tensor, Tensor]:
         """J_m(Δ_m) (R,) and ∇J_m(Δ_m) (R, d)."""
@@ -124,7 +142,7 @@ class PBRFObjective:
         cs = p.chunk_size
         for s in range(0, p.n_train, cs):
             x, t = p.train.inputs[s:s + cs], p.train.targets[s:s + cs]
-            ys, gs = self.base_outputs[s:s + cs], self.base_output_grads[s:s + cs]
+            ys, gs = self._base_chunk(s, x, t)
 
             def bregman(th: Tensor) -> Tensor:
                 y = p.model(th, x)

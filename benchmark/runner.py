@@ -210,12 +210,14 @@ class Session:
             truth_scores = gt.scores(s.ground_truth).numpy()
             result["ground_truth_certificate"] = ground_truth_summary(gt, s.ground_truth)
             trusted = len(gt.removed) - int(untrusted_rows(gt.response(s.ground_truth)["certificate"]).sum())
+            # with too few trusted rows the estimator still runs (and is checked), unscored
+            self._score(result, problem, gt, truth_scores, estimator_spec, scored=trusted >= MIN_TRUSTED_REMOVED)
             if trusted < MIN_TRUSTED_REMOVED:
                 raise NoGroundTruth(
                     f"only {trusted} of {len(gt.removed)} removed examples have a trusted {s.ground_truth} solution "
                     f"(the others left the basin around θˢ or diverged), so no correlation can be measured at "
-                    f"{s.scale} scale; the certificate in the result says more")
-            self._score(result, problem, gt, truth_scores, estimator_spec)
+                    f"{s.scale} scale (the estimator ran and passed the output checks); the certificate in the "
+                    f"result says more")
             result["status"] = "ok"
         except NoGroundTruth as exc:
             result["status"], result["error"] = "no_ground_truth", str(exc)
@@ -246,7 +248,10 @@ class Session:
             self._baseline = guard.load(self.settings.baseline)
         return self._baseline
 
-    def _score(self, result: dict, problem: Problem, gt: GroundTruth, truth: np.ndarray, spec: str) -> None:
+    def _score(self, result: dict, problem: Problem, gt: GroundTruth, truth: np.ndarray, spec: str,
+               scored: bool = True) -> None:
+        """Fit and score the estimator with every check; unless `scored` is False (too few trusted
+        ground-truth rows), its correlations and output distance go into `result`."""
         s = self.settings
         result["estimator_overrides"] = _plain(parse_spec(spec)[1])
         estimator = make_estimator(spec)
@@ -299,8 +304,9 @@ class Session:
         _check_unchanged(problem, snapshot)
         bad = untrusted_rows(gt.response(self.settings.ground_truth)["certificate"])
         keep = ~bad if bad.size else np.ones(truth.shape[1], dtype=bool)
-        result.update(correlations(scores.numpy()[:, keep], truth[:, keep], seed=problem.seed))
-        result["n_removed_scored"] = int(keep.sum())
+        if scored:
+            result.update(correlations(scores.numpy()[:, keep], truth[:, keep], seed=problem.seed))
+            result["n_removed_scored"] = int(keep.sum())
         # the score matrices themselves, for scatter plots and re-analysis (Q × R, 10 digits)
         result.update({"removed": gt.removed.tolist(), "scores": _rounded(scores.numpy()),
                        "truth_scores": _rounded(truth)})
@@ -311,10 +317,11 @@ class Session:
             "evaluations": evaluations["total"], "evaluations_by_kind": evaluations,
             "solver": getattr(estimator, "solver_", None),
         })
-        outputs = self._output_distance(result, problem, gt, delta) if delta is not None else None
+        outputs = self._output_distance(result, problem, gt, delta, scored) if delta is not None else None
         self.estimates[(result["task"], spec)] = {"scores": scores.numpy(), "outputs": outputs}
 
-    def _output_distance(self, result: dict, problem: Problem, gt: GroundTruth, delta: torch.Tensor) -> np.ndarray:
+    def _output_distance(self, result: dict, problem: Problem, gt: GroundTruth, delta: torch.Tensor,
+                         scored: bool = True) -> np.ndarray:
         """Output distance to the PBRF on the evaluation inputs; returns f(θˢ + Δₘ, x_eval) (R, n_eval, C)."""
         if tuple(delta.shape) != (len(gt.removed), problem.n_params) or not torch.isfinite(delta).all():
             raise EstimatorFailure(f"parameter_change() returned shape {tuple(delta.shape)} or non-finite values; "
@@ -325,6 +332,8 @@ class Session:
         pbrf_response = gt.response("pbrf")
         keep = ~untrusted_rows(pbrf_response["certificate"])
         keep = keep if keep.size else np.ones(len(gt.removed), dtype=bool)
+        if not scored or not keep.any():
+            return outputs
         pbrf = pbrf_response["outputs"].numpy()[keep]
         dist = output_distance(outputs[keep], pbrf)
         effect = output_distance(gt.base_outputs.numpy()[None], pbrf)

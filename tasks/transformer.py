@@ -33,10 +33,10 @@ Scales (tables below):
          batch 128, 0.16 s per step and vector) ~160 s per removed example. Meant for a GPU.
   paper  every training window of 35 tokens (25,821), the full vocabulary (10,000), hidden 256,
          2 heads, 2 layers (d = 6.7M), Adam 10 epochs, R = 20, Q = 40, removed examples solved
-         2 at a time, training examples vmapped 64 at a time. NOTE: the PBRF solve
-         (benchmark.responses.PBRFObjective) stores f(θˢ, x) and its output gradient for all
-         training examples, N × seq_len × vocab = 9.0e9 numbers (2 × 72 GB in float64) at this
-         scale: it needs those recomputed per chunk instead before paper scale can run.
+         2 at a time, training examples vmapped 64 at a time. f(θˢ, x) over all training
+         examples would be N × seq_len × vocab = 9.0e9 numbers (2 × 72 GB in float64 with its
+         output gradient), so the PBRF solve recomputes it chunk by chunk instead of storing it
+         (PBRFObjective.STORE_BASE_OUTPUTS_MAX), at one extra forward per chunk and call.
 """
 from __future__ import annotations
 

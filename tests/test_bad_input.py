@@ -303,3 +303,23 @@ def test_interrupted_write_leaves_no_temp_file(tmp_path):
         cache.get_or_compute("kind", "name", FP, lambda: {"f": lambda: 1})  # torch.save cannot pickle it
     assert not path.exists()
     assert leftovers(path.parent) == []
+
+
+def test_row_without_trusted_ground_truth_still_checks_the_estimator(shared, tmp_path):
+    """Too few removed examples with a local PBRF solution: no correlation is measured, but the
+    estimator still runs with every check (a broken one still fails its row)."""
+    session = make_session(shared, tmp_path / "results")
+    _, gt, _ = session.task_state("lr-cancer")
+    cert = dict(gt.response("pbrf")["certificate"])
+    cert["status"] = ["left_basin"] * (len(gt.removed) - 2) + cert["status"][-2:]
+    gt.responses["pbrf"] = {**gt.responses["pbrf"], "certificate": cert}
+    ok = session.run("lr-cancer", "exact")
+    assert ok["status"] == "no_ground_truth" and "only 2 of" in ok["error"], ok["error"]
+    assert ok["pearson"] is None and ok["output_distance"] is None
+    assert ok["seconds"] is not None and ok["evaluations"] > 0
+    bad = session.run("lr-cancer", spec("NaNScores"))
+    assert bad["status"] == "failed" and "non-finite" in bad["error"], bad["error"]
+    from benchmark.decomposition import decompose
+    from benchmark.runner import NoGroundTruth
+    with pytest.raises(NoGroundTruth, match="only 2 of"):
+        decompose(session, "lr-cancer", ["exact"])

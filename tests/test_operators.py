@@ -287,3 +287,18 @@ def test_cholesky_solver(spd):
     assert info.method == "dense" and float(info.relative_residual.max()) < 1e-12
     with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
         CholeskySolver(-A)
+
+
+def test_pbrf_objective_recomputes_base_outputs_when_too_large(mlp, monkeypatch):
+    """Above STORE_BASE_OUTPUTS_MAX numbers the PBRF objective recomputes f(θˢ, x) per chunk
+    instead of storing it (a language model's logits): the same values and gradients."""
+    from benchmark.responses import PBRFObjective
+    problem = mlp((5, 4, 3), "tanh", n_train=20, chunk_size=7, train_steps=5)
+    removed = torch.tensor([2, 11])
+    Delta = 1e-2 * torch.randn(2, problem.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    stored = PBRFObjective(problem, removed, mu=0.01)
+    monkeypatch.setattr(PBRFObjective, "STORE_BASE_OUTPUTS_MAX", 0)
+    recomputed = PBRFObjective(problem, removed, mu=0.01)
+    assert stored.stored and not recomputed.stored and not hasattr(recomputed, "base_outputs")
+    for a, b in zip(stored.value_and_gradient(Delta), recomputed.value_and_gradient(Delta)):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)

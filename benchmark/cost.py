@@ -1,0 +1,172 @@
+"""What a task's ground truth costs at a scale, measured: the numbers that say whether it fits.
+
+    python -m benchmark.cost --scale cpu --task lenet-mnist [--task ...] [--max-seconds 240]
+
+For each task: the base training (its own certificate's seconds, or now if not cached), one
+call of each model operator over the N training examples (forward, per-example gradients,
+Gauss–Newton–vector product: one vector), the damped Gauss–Newton setup (dense G and its
+Cholesky factor where d ≤ dense_max_params, else nothing), and one PBRF solve for the first
+removed example of the ground truth, stopped after --max-seconds (then reported as a lower
+bound). The ground truth of the scale needs R such solves (batched, about 1.5× faster than
+one after another on the CPU; see benchmark.perf) after the setup, so
+
+    projected seconds ≈ setup + R × (one PBRF solve)
+
+is what one removed example at a time would cost. Each task's numbers go to
+<results-dir>/<scale>/cost/<task>.json; `python -m benchmark.leaderboard` lists them for the
+tasks that have no leaderboard rows at that scale.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from tasks import SCALES, TASKS, get_task
+
+from .cache import Cache
+from .ground_truth import build_problem, seeded_choice, solver_settings
+from .problem import TimeBudgetExceeded
+from .responses import DampedGaussNewton, pbrf
+from .runner import REPO, git_commit
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure_task(task_name: str, scale: str, data_root: Path | None, cache_dir: Path | None, device: str = "cpu",
+                 max_seconds: float = 240.0) -> dict:
+    """The cost of one task's ground truth at `scale` (seconds; see the module docstring)."""
+    from tasks.data import default_data_root
+    task = get_task(task_name)
+    started = time.perf_counter()
+    problem = build_problem(task, scale, Path(data_root) if data_root else default_data_root(), Cache(cache_dir),
+                            device)
+    build_seconds = time.perf_counter() - started
+    cfg = task.ground_truth_config(scale)
+    settings = solver_settings(task, scale)
+    removed = seeded_choice(problem.n_train, cfg.n_removed, seed=task.recipe(scale).seed + 2).to(problem.device)
+    vector = torch.randn(1, problem.n_params, dtype=problem.dtype, device=problem.device,
+                         generator=torch.Generator(device=problem.device).manual_seed(0))
+    out = {
+        "task": task_name, "scale": scale, "n_train": problem.n_train, "n_params": problem.n_params,
+        "n_removed": cfg.n_removed, "n_query": cfg.n_query, "dense": problem.n_params <= settings.dense_max_params,
+        "training_seconds": problem.training_certificate.get("seconds"), "build_seconds": build_seconds,
+        "forward_seconds": _timed(lambda: problem.outputs(problem.train.inputs)),
+        "gradients_seconds": _timed(lambda: problem.gradients(problem.train)),
+        "gnvp_seconds": _timed(lambda: problem.gnvp(vector)),
+        "max_seconds": max_seconds,
+        "provenance": {"commit": git_commit(), "torch": torch.__version__, "device": device,
+                       "threads": torch.get_num_threads(),
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+    }
+    problem.counter.deadline = time.monotonic() + max_seconds
+    try:
+        start = time.perf_counter()
+        curvature = DampedGaussNewton(problem, problem.weight_decay + problem.damping, settings)
+        out["setup_seconds"] = time.perf_counter() - start
+        start = time.perf_counter()
+        _, certificate = pbrf(problem, removed[:1], curvature)
+        out.update(pbrf_seconds=time.perf_counter() - start, pbrf_finished=True, pbrf_status=certificate["status"][0],
+                   pbrf_steps=certificate["steps"][0])
+    except TimeBudgetExceeded:
+        out.setdefault("setup_seconds", None)
+        out.update(pbrf_seconds=None, pbrf_finished=False)
+    finally:
+        problem.counter.deadline = None
+    out["seconds_spent"] = time.perf_counter() - started
+    if out["setup_seconds"] is not None and out["pbrf_seconds"] is not None:
+        out["projected_ground_truth_seconds"] = out["setup_seconds"] + cfg.n_removed * out["pbrf_seconds"]
+    else:
+        out["projected_ground_truth_seconds"] = None
+    return out
+
+
+def result_path(results_dir: Path, scale: str, task: str) -> Path:
+    return Path(results_dir) / scale / "cost" / f"{task}.json"
+
+
+def write_result(r: dict, results_dir: Path) -> Path:
+    path = result_path(results_dir, r["scale"], r["task"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(r, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_results(results_dir: Path) -> list[dict]:
+    """Every readable cost result under results_dir/<scale>/cost/*.json (others skipped)."""
+    out = []
+    for path in sorted(Path(results_dir).glob("*/cost/*.json")):
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(r, dict) and {"task", "scale", "n_params"} <= set(r):
+            out.append(r)
+    return out
+
+
+def _s(x) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.2g} s" if x < 10 else f"{x:.0f} s" if x < 600 else f"{x / 60:.0f} min"
+
+
+def cost_table(results: list[dict]) -> str:
+    """Markdown table of cost results (one line per task)."""
+    lines = ["| task | N | d | solve | base training | forward / gradients / GNVP over N | setup | "
+             "one PBRF solve | R | projected ground truth |", "| --- " * 10 + "|"]
+    for r in results:
+        pbrf_cell = (f"{_s(r['pbrf_seconds'])} ({r['pbrf_status']}, {r['pbrf_steps']} steps)" if r.get("pbrf_finished")
+                     else f"> {_s(r['max_seconds'] - (r.get('setup_seconds') or 0))} (stopped)"
+                     if r.get("setup_seconds") is not None else "not reached")
+        setup = _s(r["setup_seconds"]) if r.get("setup_seconds") is not None else f"> {_s(r['max_seconds'])} (stopped)"
+        projected = (_s(r["projected_ground_truth_seconds"]) if r.get("projected_ground_truth_seconds") is not None
+                     else f"> {_s(r['n_removed'] * max(r['max_seconds'] - (r.get('setup_seconds') or 0), 0) + (r.get('setup_seconds') or 0))}"
+                     if r.get("setup_seconds") is not None else f"> {_s(r['max_seconds'])}")
+        lines.append(f"| {r['task']} | {r['n_train']:,} | {r['n_params']:,} | {'dense' if r['dense'] else 'CG'} | "
+                     f"{_s(r['training_seconds'])} | {r['forward_seconds']:.2f} / {r['gradients_seconds']:.2f} / "
+                     f"{r['gnvp_seconds']:.2f} s | {setup} | {pbrf_cell} | {r['n_removed']} | {projected} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmark.cost", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scale", default="cpu", choices=SCALES)
+    ap.add_argument("--task", action="append", required=True, choices=list(TASKS), help="repeatable")
+    ap.add_argument("--max-seconds", type=float, default=240.0,
+                    help="stop the setup + one PBRF solve after this long (default 240)")
+    ap.add_argument("--data-root", type=Path, default=None)
+    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--results-dir", type=Path, default=REPO / "leaderboard" / "results")
+    args = ap.parse_args(argv)
+    if args.max_seconds <= 0:
+        ap.error(f"--max-seconds: expected a positive number, got {args.max_seconds}")
+    failures = 0
+    for name in args.task:
+        print(f"[cost] {name} ({args.scale})", flush=True)
+        try:
+            r = measure_task(name, args.scale, args.data_root, args.cache_dir, args.device, args.max_seconds)
+            print(f"[cost] wrote {write_result(r, args.results_dir)}", flush=True)
+            print(cost_table([r]), flush=True)
+        except Exception:
+            failures += 1
+            traceback.print_exc()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
