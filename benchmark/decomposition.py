@@ -125,14 +125,17 @@ def decompose(session: Session, task_name: str, estimators=DEFAULT_ESTIMATORS) -
     Per-removed-example distances are lists over the trusted removed examples (those with a
     local PBRF solution); estimator scores and outputs come from session.estimate (the rows
     already scored in this session, else fitted now). Raises NoGroundTruth when fewer than
-    MIN_TRUSTED_REMOVED removed examples are trusted."""
+    MIN_TRUSTED_REMOVED removed examples are trusted, or when a retraining diverges."""
     problem, gt, _ = session.task_state(task_name)
     bad = untrusted_rows(gt.response("pbrf")["certificate"])
     keep = ~bad if bad.size else np.ones(len(gt.removed), dtype=bool)
     if keep.sum() < MIN_TRUSTED_REMOVED:
         raise NoGroundTruth(f"only {int(keep.sum())} of {len(gt.removed)} removed examples have a trusted PBRF "
                             f"solution at {session.settings.scale} scale: no decomposition")
-    outputs = {n: gt.response(n)["outputs"].numpy()[keep] for n in RESPONSE_NAMES}
+    try:
+        outputs = {n: gt.response(n)["outputs"].numpy()[keep] for n in RESPONSE_NAMES}
+    except FloatingPointError as exc:  # a retraining diverged: that response does not exist here
+        raise NoGroundTruth(f"no retraining response at {session.settings.scale} scale: {exc}") from exc
     base = gt.base_outputs.numpy()[None]
     est = {}
     for spec in dict.fromkeys(estimators):

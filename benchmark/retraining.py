@@ -221,7 +221,10 @@ def retrain(problem: Problem, removed: Tensor, recipe: Recipe, kind: str, *, tol
     else:
         raise ValueError(f"unknown optimizer {recipe.optimizer!r} in the recipe; use 'lbfgs', 'sgd' or 'adam'")
     if not torch.isfinite(thetas).all():
-        raise FloatingPointError(f"{kind} retraining diverged (non-finite parameters); recipe {recipe}")
+        why = (" in eval mode, batch-norm statistics frozen at θˢ (the network is sharper than in the "
+               "train mode it was trained in, too sharp for the recipe's learning rate)"
+               if "batch_norm" in certificate else "")
+        raise FloatingPointError(f"{kind} retraining diverged (non-finite parameters){why}; recipe {recipe}")
     _, g = objective_gradients(problem, thetas, W, recipe.weight_decay, proximal)
     gnorm = torch.linalg.vector_norm(g, dim=-1)
     R = rows - 1

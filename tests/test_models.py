@@ -211,6 +211,47 @@ def test_batch_norm_training_updates_and_caches_running_statistics(tmp_path):
     assert value == pytest.approx(problem.training_certificate["objective"], rel=1e-12)
 
 
+def test_every_response_function_and_estimator_uses_the_frozen_statistics(tmp_path):
+    """Every forward pass of every response function (PBRF, linearized, cold / warm / proximal
+    retraining) and of every default estimator runs batch norm in eval mode with the running
+    statistics of θˢ, and leaves them unchanged."""
+    from benchmark.ground_truth import ALL_RESPONSES, load_ground_truth
+    from estimators import DEFAULT_ESTIMATORS, ParameterEstimator, make_estimator
+    task = _TinyBNTask()
+    problem = gt_mod.build_problem(task, "smoke", tmp_path, Cache(tmp_path))
+    frozen = {k: b.clone() for k, b in problem.model.buffers.items()}
+    seen, violations = [], []
+
+    def check(module, _inputs):
+        seen.append(1)
+        if module.training:
+            violations.append("train mode")
+        for name in ("running_mean", "running_var"):
+            if not torch.equal(getattr(module, name), frozen[f"bn.{name}"]):
+                violations.append(f"{name} differs from θˢ's")
+
+    handles = [m.register_forward_pre_hook(check) for m in problem.model.module.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        gt, _ = load_ground_truth(task, "smoke", problem, Cache(tmp_path))  # pbrf and linear
+        assert seen, "no forward pass through batch norm"
+        for name in ALL_RESPONSES:  # the retraining ones computed now (a -controlled one with its run)
+            before = len(seen)
+            assert torch.isfinite(gt.scores(name)).all(), name
+            assert len(seen) > before or name.endswith("-controlled") or name in ("pbrf", "linear"), name
+        for spec in DEFAULT_ESTIMATORS:
+            est = make_estimator(spec if spec != "lissa" else "lissa(depth=20)").fit(problem)
+            if isinstance(est, ParameterEstimator):
+                est.parameter_change(gt.removed)
+            est.scores(gt.removed, problem.query)
+    finally:
+        for h in handles:
+            h.remove()
+    assert not violations, sorted(set(violations))
+    for k, b in problem.model.buffers.items():
+        assert torch.equal(b, frozen[k]), k
+
+
 def test_adam_matches_torch_optim():
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
