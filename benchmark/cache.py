@@ -49,11 +49,21 @@ def _locked(path: Path):
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, then rename over `path`."""
+    _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(text: str, path: Path) -> Path:
+    """Write `text` (UTF-8) to a temporary file in the same folder, then rename over `path`."""
+    _atomic_write(Path(path), lambda handle: handle.write(text.encode()))
+    return Path(path)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 import traceback
@@ -31,7 +30,7 @@ import torch
 
 from tasks import SCALES, TASKS, get_task
 
-from .cache import Cache
+from .cache import Cache, atomic_write_text
 from .ground_truth import build_problem, seeded_choice, solver_settings
 from .problem import TimeBudgetExceeded
 from .responses import DampedGaussNewton, pbrf
@@ -97,12 +96,7 @@ def result_path(results_dir: Path, scale: str, task: str) -> Path:
 
 
 def write_result(r: dict, results_dir: Path) -> Path:
-    path = result_path(results_dir, r["scale"], r["task"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(r, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(json.dumps(r, indent=1) + "\n", result_path(results_dir, r["scale"], r["task"]))
 
 
 def load_results(results_dir: Path) -> list[dict]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import traceback
 import warnings
@@ -43,6 +42,7 @@ from tabulate import tabulate
 from estimators import DEFAULT_ESTIMATORS
 from tasks import SCALES, TASKS
 
+from .cache import atomic_write_text
 from .metrics import correlations, output_distance
 from .runner import MIN_TRUSTED_REMOVED, REPO, NoGroundTruth, Session, Settings, git_commit, untrusted_rows
 
@@ -234,12 +234,7 @@ def result_path(results_dir: Path, scale: str, task: str) -> Path:
 
 
 def write_result(r: dict, results_dir: Path) -> Path:
-    path = result_path(results_dir, r["scale"], r["task"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(r, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(json.dumps(r, indent=1) + "\n", result_path(results_dir, r["scale"], r["task"]))
 
 
 def load_results(results_dir: Path) -> list[dict]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.func import grad, vjp, vmap
+from torch.func import grad, vmap
 
 from .linalg import CholeskySolver, SolveInfo, batched_cg
 from .problem import Batch, Problem, output_hessians, psd_sqrt

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
 import re
 import subprocess
@@ -23,7 +22,7 @@ from estimators import ParameterEstimator, canonical_spec, make_estimator, parse
 from tasks import check_scale, get_task
 
 from . import guard
-from .cache import Cache
+from .cache import Cache, atomic_write_text
 from .ground_truth import GroundTruth, build_problem, load_ground_truth
 from .measure import measure
 from .metrics import correlations, output_distance
@@ -393,12 +392,7 @@ def _dumps(result: dict) -> str:
 
 
 def write_result(result: dict, results_dir: Path) -> Path:
-    path = result_path(result, results_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(_dumps(result) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(_dumps(result) + "\n", result_path(result, results_dir))
 
 
 __all__ = ["Session", "Settings", "EstimatorFailure", "write_result", "result_path"]

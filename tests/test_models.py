@@ -8,7 +8,6 @@ staged; everything else builds its own tiny inputs.
 """
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 from benchmark import ground_truth as gt_mod
 from benchmark.cache import Cache
 from benchmark.problem import Batch, FunctionalModel, Problem, output_hessians
-from benchmark.training import has_batch_norm, sgd, train
+from benchmark.training import has_batch_norm, sgd
 from tasks import TASKS, GroundTruthConfig, Recipe, ScaleConfig, Splits, Task, get_task
 from tasks import data as datasets
 from tasks.autoencoder import MnistAutoencoder
