@@ -105,7 +105,6 @@ Differences from the paper:
 """
 
 
-
 def _fmt(x) -> str:
     return "–" if x is None or not np.isfinite(x) else f"{x:.3g}"
 
