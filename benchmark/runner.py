@@ -128,7 +128,7 @@ def untrusted_rows(certificate: dict) -> np.ndarray:
 def ground_truth_summary(gt: GroundTruth, response: str) -> dict:
     """How accurate the ground truth is, in a few numbers."""
     cert = gt.response(response)["certificate"]
-    out = {"key": gt.key, "response": response, "seconds": gt.seconds}
+    out = {"key": _response_key(gt.key, response), "response": response, "seconds": gt.seconds}
     if "relative_gradient_norm" in cert:
         rel = np.asarray(cert["relative_gradient_norm"])
         statuses = cert.get("status", [])

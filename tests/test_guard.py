@@ -90,8 +90,8 @@ def cache_dir(tmp_path_factory):
 
 def bench(cache_dir: Path, tmp: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pytest", "benchmark/", "--scale", "smoke", "--task", "lr-cancer",
-           "--cache-dir", str(cache_dir), "--results-dir", str(tmp / "results"), "-p", "no:cacheprovider",
-           "-q", *args]
+           "--no-decomposition", "--cache-dir", str(cache_dir), "--results-dir", str(tmp / "results"),
+           "-p", "no:cacheprovider", "-q", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
@@ -101,6 +101,7 @@ def test_degraded_estimator_fails_the_guard(cache_dir, tmp_path):
     out = bench(cache_dir, tmp_path, "--estimator", "exact", "--baseline", str(baseline), "--update-baseline")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "baseline updated: 1 entry written" in out.stdout
+    assert "1 passed, 1 deselected" in out.stdout  # --no-decomposition at smoke
     data = json.loads(baseline.read_text())
     healthy = data["entries"]["smoke"]["pbrf"]["lr-cancer"]["exact"]
     assert healthy["pearson"] > 0.9

@@ -4,6 +4,7 @@ table in the controller's output."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 WORKER = textwrap.dedent("""
     import os, sys, time
@@ -40,10 +42,13 @@ def test_two_processes_compute_an_entry_once(tmp_path):
     script.write_text(WORKER)
     log, go = tmp_path / "computed.log", tmp_path / "go"
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(log),
-                               str(tmp_path / f"ready{i}"), str(go)], cwd=REPO, stdout=subprocess.PIPE,
+                               str(tmp_path / f"ready{i}"), str(go)], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     deadline = time.monotonic() + 120
     while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        for proc in procs:
+            if proc.poll() is not None:
+                pytest.fail(f"a worker exited before it was ready: {proc.communicate()}")
         assert time.monotonic() < deadline, "workers did not start"
         time.sleep(0.01)
     go.touch()
@@ -70,7 +75,7 @@ def _bench(cache: Path, results: Path, *args: str) -> subprocess.CompletedProces
 def test_xdist_gives_the_serial_numbers(tmp_path):
     cache = tmp_path / "cache"
     # the parallel run first, on an empty cache: both workers need the same model and ground truth
-    par = _bench(cache, tmp_path / "parallel", "-n", "2")
+    par = _bench(cache, tmp_path / "parallel", "-n", "2", "--dist", "loadgroup")
     assert par.returncode == 0, par.stdout + par.stderr
     ser = _bench(cache, tmp_path / "serial")
     assert ser.returncode == 0, ser.stdout + ser.stderr
@@ -87,3 +92,13 @@ def test_xdist_gives_the_serial_numbers(tmp_path):
         for key in NUMBERS:
             assert a.get(key) == b.get(key), f"{name}: {key} differs between serial and -n 2"
         assert a["ground_truth_certificate"]["key"] == b["ground_truth_certificate"]["key"]
+    # the decomposition test (on by default at smoke) ran after the task's rows in both runs, on
+    # the worker that scored them, and gives the same numbers
+    for out in (par.stdout, ser.stdout):
+        assert "decomposition (smoke scale" in out and "4 passed" in out, out
+    a, b = (json.loads((tmp_path / run / "smoke" / "decomposition" / "lr-cancer.json").read_text())
+            for run in ("serial", "parallel"))
+    for key in ("effect", "gaps", "drift", "table2", "n_trusted"):
+        assert a[key] == b[key], f"decomposition {key} differs between serial and -n 2"
+    assert [g["gap"] for g in a["gaps"]] == ["warm-start gap", "proximity gap", "non-convergence gap",
+                                             "linearization error", "solver error (exact)", "solver error (cg)"]
