@@ -31,6 +31,7 @@ import argparse
 import datetime
 import json
 import sys
+import textwrap
 import traceback
 import warnings
 from pathlib import Path
@@ -356,7 +357,7 @@ def plot_task(r: dict, path: Path) -> bool:
         return False
     gaps = [g for g in r["gaps"] if g["d"] is not None]
     controlled = next(d for d in r["drift"] if d["quantity"].startswith("warm-start gap, controlled"))
-    bars = [(g["gap"].replace(" (", "\n("), np.asarray(g["d"]), None) for g in gaps]
+    bars = [(textwrap.fill(g["gap"], 14), np.asarray(g["d"]), None) for g in gaps]
     bars.insert(1, ("warm-start gap\n(drift-controlled)", np.asarray(controlled["d"]), "//"))
     means = np.array([b[1].mean() for b in bars])
     stds = np.array([b[1].std() for b in bars])
