@@ -286,17 +286,24 @@ def cost_section(rows: list[dict], costs: list[dict]) -> list[str]:
             continue
         order = {t: i for i, t in enumerate(_task_order(c["task"] for c in missing))}
         missing.sort(key=lambda c: order[c["task"]])
-        prov = missing[0]["provenance"]
+        commits = sorted({c["provenance"]["commit"] for c in missing})
+        threads = sorted({str(c["provenance"]["threads"]) for c in missing})
+        dates = sorted(c["provenance"]["date"][:10] for c in missing)
+        ground_truth = sum(cost.ground_truth_seconds(c)[0] for c in missing)
+        lissa = sum(c.get("lissa_projected_seconds") or 0 for c in missing)
         lines += [f"## Tasks without {scale}-scale rows: what their ground truth costs", "",
-                  f"These tasks exist at `{scale}` scale but are not in the tables above: their ground truth alone "
-                  f"takes longer than the suite is meant to (an hour for `cpu`). Measured by `python -m "
-                  f"benchmark.cost --scale {scale} --task NAME` (commit {prov['commit']}, device {prov['device']}, "
-                  f"{prov['threads']} thread(s), {prov['date'][:10]}): the base training, one call of each model "
-                  "operator over the N training examples, the damped Gauss–Newton setup (dense G and its Cholesky "
-                  "factor), one PBRF solve (stopped after the stated time), and the projection setup + R × one "
-                  "solve. For meaningful numbers they need the `paper` scale on a GPU: "
-                  "`pytest benchmark/ --scale paper --device cuda --task NAME` (sizes in each task's module "
-                  "docstring).", "", cost.cost_table(missing), ""]
+                  f"These tasks exist at `{scale}` scale but have no rows in the tables above. Measured by "
+                  f"`python -m benchmark.cost --scale {scale} --task NAME` (commit {', '.join(commits)}; device "
+                  f"{missing[0]['provenance']['device']}, {'/'.join(threads)} thread(s), {dates[0]} … {dates[-1]}): "
+                  "the base training, one call of each model operator over the N training examples, the damped "
+                  "Gauss–Newton setup (dense G and its Cholesky factor, or nothing on the CG path), one PBRF solve "
+                  "(stopped after `--max-seconds`, then a lower bound), the projected ground truth setup + R × one "
+                  "solve, and the default LiSSA's projected cost (depth × batch / N × R Gauss–Newton products "
+                  f"over N). Together: ground truth ≥ {ground_truth / 3600:.1f} h and LiSSA ≈ {lissa / 3600:.1f} h, "
+                  "on top of the rows above, where the whole suite is meant to take about an hour (`cpu`). "
+                  "For meaningful numbers they need the `paper` scale on a GPU: "
+                  "`pytest benchmark/ --scale paper --device cuda --task NAME` (sizes, and any further reason such "
+                  "as ae-mnist's plateau, in each task's module docstring).", "", cost.cost_table(missing), ""]
     return lines
 
 
