@@ -23,7 +23,7 @@ import torch
 
 from estimators import (DEFAULT_ESTIMATORS, EstimatorSpecError, UnknownEstimator, canonical_spec, make_estimator,
                         parse_param)
-from tasks import SCALES, TASKS, did_you_mean
+from tasks import SCALES, TASKS, default_tasks, did_you_mean
 
 from . import guard
 from .ground_truth import ALL_RESPONSES
@@ -38,7 +38,8 @@ _DECOMPOSITION = "ifbench_decomposition"  # ... and a decomposition test its sum
 def pytest_addoption(parser):
     group = parser.getgroup("influence benchmark")
     group.addoption("--task", action="append", default=None, metavar="NAME",
-                    help=f"task to run (repeatable; default: all): {', '.join(TASKS)}")
+                    help=f"task to run (repeatable; default: every task meant for the scale, i.e. all but the "
+                         f"autoencoder, CNNs and Transformer at cpu scale): {', '.join(TASKS)}")
     group.addoption("--estimator", action="append", default=None, metavar="SPEC",
                     help="estimator: a registered name, package.module:Class or path/file.py:Class, optionally "
                          "with constructor arguments as Python literals: 'lissa(depth=200,batch_size=64)' "
@@ -79,7 +80,7 @@ def pytest_addoption(parser):
 
 
 def _selected(config) -> tuple[list[str], list[str]]:
-    tasks = config.getoption("--task") or list(TASKS)
+    tasks = config.getoption("--task") or default_tasks(config.getoption("--scale"))
     for name in tasks:
         if name not in TASKS:
             raise pytest.UsageError(f"--task: unknown task {name!r}.{did_you_mean(name, TASKS)} "
@@ -236,9 +237,14 @@ def pytest_report_header(config):
         return None
     s = config.stash[_SESSION]
     budget = f" time budget={s.settings.time_budget:g}s" if s.settings.time_budget else ""
-    return (f"influence benchmark: scale={s.settings.scale} device={s.settings.device} "
-            f"ground truth={s.settings.ground_truth} cache={s.cache.root} data={s.data_root} "
-            f"baseline={s.settings.baseline}{budget}")
+    header = (f"influence benchmark: scale={s.settings.scale} device={s.settings.device} "
+              f"ground truth={s.settings.ground_truth} cache={s.cache.root} data={s.data_root} "
+              f"baseline={s.settings.baseline}{budget}")
+    left_out = [t for t in TASKS if t not in default_tasks(s.settings.scale)]
+    if left_out and not config.getoption("--task"):
+        header += (f"\nnot run by default at {s.settings.scale} scale (too slow there; the leaderboard lists their "
+                   f"measured cost; --task NAME runs one): {', '.join(left_out)}")
+    return header
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

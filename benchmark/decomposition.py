@@ -41,7 +41,7 @@ import torch
 from tabulate import tabulate
 
 from estimators import DEFAULT_ESTIMATORS
-from tasks import SCALES, TASKS
+from tasks import SCALES, TASKS, default_tasks
 
 from .cache import atomic_write_text
 from .metrics import correlations, output_distance
@@ -430,7 +430,8 @@ def write_page(results_dir: Path, out_dir: Path, figures: bool = True) -> tuple[
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmark.decomposition", description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", default="cpu", choices=SCALES)
-    ap.add_argument("--task", action="append", default=None, choices=list(TASKS), help="repeatable; default: all")
+    ap.add_argument("--task", action="append", default=None, choices=list(TASKS),
+                    help="repeatable; default: the tasks meant for the scale (tasks.default_tasks)")
     ap.add_argument("--estimator", action="append", default=None, metavar="SPEC",
                     help=f"repeatable; default: {', '.join(DEFAULT_ESTIMATORS)}")
     ap.add_argument("--data-root", type=Path, default=None)
@@ -444,7 +445,7 @@ def main(argv=None) -> int:
     session = Session(Settings(scale=args.scale, device=args.device, cache_dir=args.cache_dir,
                                data_root=args.data_root, results_dir=None))
     failures = 0
-    for name in args.task or list(TASKS):
+    for name in args.task or default_tasks(args.scale):
         print(f"[decomposition] {name} ({args.scale})", flush=True)
         try:
             path = write_result(decompose(session, name, args.estimator or DEFAULT_ESTIMATORS), args.results_dir)

@@ -20,6 +20,11 @@ def did_you_mean(name: str, choices) -> str:
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
+def default_tasks(scale: str) -> list[str]:
+    """The tasks that run at `scale` when none is named (Task.default_scales), in registry order."""
+    return [name for name, cls in TASKS.items() if scale in cls.default_scales]
+
+
 def get_task(name: str) -> Task:
     """The registered task called `name` (a clear error with suggestions otherwise)."""
     if name not in TASKS:
@@ -28,4 +33,4 @@ def get_task(name: str) -> Task:
 
 
 __all__ = ["SCALES", "TASKS", "GroundTruthConfig", "Recipe", "ScaleConfig", "Splits", "Task", "check_scale",
-           "get_task", "did_you_mean"]
+           "default_tasks", "get_task", "did_you_mean"]

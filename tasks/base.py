@@ -109,6 +109,9 @@ class Task(ABC):
     #: decay) and the recipe trains to its optimum: every retraining response then has one
     #: optimum, so cold- and warm-start retraining agree (checked by the decomposition test)
     convex: ClassVar[bool] = False
+    #: the scales at which the task runs when no --task is given; at the others it runs only
+    #: when named (its ground truth does not fit that scale's time: see `python -m benchmark.cost`)
+    default_scales: ClassVar[tuple[str, ...]] = ("smoke", "cpu", "paper")
 
     @abstractmethod
     def config(self, scale: Scale) -> ScaleConfig:

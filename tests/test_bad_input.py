@@ -80,10 +80,10 @@ def test_file_spec_loads_a_working_estimator():
     assert isinstance(est, estimators.GradDot)
 
 
-def _run_benchmark_cli(tmp_path, *args) -> subprocess.CompletedProcess:
+def _run_benchmark_cli(tmp_path, *args, scale: str = "smoke") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "benchmark/", "--scale", "smoke", *args, "-q", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "benchmark/", "--scale", scale, *args, "-q", "-p", "no:cacheprovider",
          "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results")],
         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
@@ -95,6 +95,24 @@ def test_cli_unknown_task_is_usage_error(tmp_path):
     assert proc.returncode == 4, out  # pytest's usage-error exit status
     assert "unknown task 'mlp-mnst'" in out and "mlp-mnist" in out, out
     assert not (tmp_path / "results").exists()  # nothing ran
+
+
+def test_default_tasks_per_scale(tmp_path):
+    """Without --task, each scale runs the tasks meant for it: at cpu scale not the autoencoder,
+    CNNs and Transformer (hours there), and the header says so; --task still runs one."""
+    from tasks import TASKS, default_tasks
+    cpu = default_tasks("cpu")
+    assert cpu == ["lr-cancer", "lr-diabetes", "mlp-concrete", "mlp-energy", "mlp-mnist", "mlp-fashion"]
+    assert default_tasks("smoke") == default_tasks("paper") == list(TASKS)
+    proc = _run_benchmark_cli(tmp_path, "--collect-only", "-v", "--estimator", "exact", scale="cpu")  # -v: header
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    # the six rows, and the decomposition tests deselected (off by default at cpu scale)
+    assert f"{len(cpu)}/{2 * len(cpu)} tests collected ({len(cpu)} deselected)" in out, out
+    assert "test_estimator[lenet-mnist" not in out
+    assert "not run by default at cpu scale" in out and "resnet20-cifar" in out, out
+    named = _run_benchmark_cli(tmp_path, "--collect-only", "--estimator", "exact", "--task", "lenet-mnist", scale="cpu")
+    assert named.returncode == 0 and "test_estimator[lenet-mnist/exact]" in named.stdout, named.stdout
 
 
 def test_cli_unknown_estimator_is_usage_error(tmp_path):
