@@ -183,7 +183,12 @@ def _cifar_recipe(epochs: int, batch: int = 128, lr: float = 0.1, wd: float = 5e
 # depth multiplies them), and −ε ℓₘ outgrows the proximity term. Measured on ResNet / VGG13 at
 # smoke, over N ∈ {64, 128, 256}, wd ∈ {1e-3 … 5e-2}, lr ∈ {0.01, 0.05}, ResNet-8 or -20, BN
 # statistics recalibrated or not: at best 2-3 of 4 rows stop "stalled" (relative gradient norm
-# 1e-2-1), the others "diverged". The certificates say so; the smoke rows check the plumbing.
+# 1e-2-1), the others "diverged". Why, measured (dense, at θˢ, smoke): the PBRF's Hessian
+# G + (wd+λ)I − ε∇²ℓₘ has smallest eigenvalue −0.08 … −0.35 for VGG13-CIFAR's four removed
+# examples (ε λ_min(∇²ℓₘ) = −0.2 … −1.0 against wd + λ = 0.021): θˢ sits at a saddle of the PBRF,
+# there is no nearby minimum to find; LeNet-CIFAR's is +0.006 (ε λ_min(∇²ℓₘ) = −0.015). A local
+# minimum would need ε |λ_min(∇²ℓₘ)| < wd + λ, i.e. N in the thousands or wd ≈ 1. The smoke rows
+# of these nets run every estimator with its checks but are unscored ("no ground truth").
 _WEIGHT_DECAY = {"smoke": 2e-2, "cpu": 5e-3, "paper": 5e-4}
 
 
