@@ -103,3 +103,32 @@ class Cache:
             value = compute()
             atomic_save({"fingerprint": json.loads(json.dumps(fingerprint, default=str)), "value": value}, path)
             return value, False
+
+
+class TaskResultFiles:
+    """JSON results of one kind, one file per (scale, task): <results>/<scale>/<kind>/<task>.json."""
+
+    def __init__(self, kind: str, required: tuple[str, ...]):
+        self.kind, self.required = kind, required
+
+    def path(self, results_dir: Path, scale: str, task: str) -> Path:
+        return Path(results_dir) / scale / self.kind / f"{task}.json"
+
+    def write(self, result: dict, results_dir: Path) -> Path:
+        text = json.dumps(result, indent=1) + "\n"
+        return atomic_write_text(text, self.path(results_dir, result["scale"], result["task"]))
+
+    def load(self, results_dir: Path) -> list[dict]:
+        """Every readable result (a file that is not valid JSON or lacks a required key is skipped
+        with a warning naming it)."""
+        out = []
+        for path in sorted(Path(results_dir).glob(f"*/{self.kind}/*.json")):
+            try:
+                result = json.loads(path.read_text())
+                if not isinstance(result, dict) or not set(self.required) <= set(result):
+                    raise ValueError(f"not a {self.kind} result (needs {', '.join(self.required)})")
+            except (OSError, ValueError) as exc:
+                warnings.warn(f"skipping {path}: {exc}")
+                continue
+            out.append(result)
+        return out

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 import traceback
@@ -33,7 +32,7 @@ import torch
 from estimators import make_estimator
 from tasks import SCALES, TASKS, get_task
 
-from .cache import Cache, atomic_write_text
+from .cache import Cache, TaskResultFiles
 from .ground_truth import build_problem, seeded_choice, solver_settings
 from .problem import TimeBudgetExceeded
 from .responses import DampedGaussNewton, pbrf
@@ -97,25 +96,9 @@ def measure_task(task_name: str, scale: str, data_root: Path | None, cache_dir: 
     return out
 
 
-def result_path(results_dir: Path, scale: str, task: str) -> Path:
-    return Path(results_dir) / scale / "cost" / f"{task}.json"
-
-
-def write_result(r: dict, results_dir: Path) -> Path:
-    return atomic_write_text(json.dumps(r, indent=1) + "\n", result_path(results_dir, r["scale"], r["task"]))
-
-
-def load_results(results_dir: Path) -> list[dict]:
-    """Every readable cost result under results_dir/<scale>/cost/*.json (others skipped)."""
-    out = []
-    for path in sorted(Path(results_dir).glob("*/cost/*.json")):
-        try:
-            r = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(r, dict) and {"task", "scale", "n_params"} <= set(r):
-            out.append(r)
-    return out
+#: <results>/<scale>/cost/<task>.json
+RESULTS = TaskResultFiles("cost", ("task", "scale", "n_params", "provenance"))
+write_result, load_results = RESULTS.write, RESULTS.load
 
 
 def ground_truth_seconds(r: dict) -> tuple[float, bool]:

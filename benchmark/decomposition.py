@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import textwrap
 import traceback
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +41,7 @@ from tabulate import tabulate
 from estimators import DEFAULT_ESTIMATORS
 from tasks import SCALES, TASKS, default_tasks
 
-from .cache import atomic_write_text
+from .cache import TaskResultFiles
 from .metrics import correlations, output_distance
 from .runner import MIN_TRUSTED_REMOVED, REPO, NoGroundTruth, Session, Settings, git_commit, untrusted_rows
 
@@ -266,30 +264,18 @@ def findings(group: list[dict]) -> list[str]:
 
 # ---- storage -------------------------------------------------------------------------------------
 
-def result_path(results_dir: Path, scale: str, task: str) -> Path:
-    return Path(results_dir) / scale / "decomposition" / f"{task}.json"
-
-
-def write_result(r: dict, results_dir: Path) -> Path:
-    return atomic_write_text(json.dumps(r, indent=1) + "\n", result_path(results_dir, r["scale"], r["task"]))
+#: <results>/<scale>/decomposition/<task>.json
+RESULTS = TaskResultFiles("decomposition", ("task", "scale", "gaps", "effect", "table2", "provenance"))
+write_result = RESULTS.write
 
 
 def load_results(results_dir: Path) -> list[dict]:
-    """Every readable decomposition under results_dir/<scale>/decomposition/*.json, ordered by
-    scale and the task registry (unreadable files are skipped with a warning)."""
-    out = []
-    for path in sorted(Path(results_dir).glob("*/decomposition/*.json")):
-        try:
-            r = json.loads(path.read_text())
-            if not {"task", "scale", "gaps", "effect", "table2"} <= set(r):
-                raise ValueError("not a decomposition result")
-        except (OSError, ValueError) as exc:
-            warnings.warn(f"skipping {path}: {exc}")
-            continue
-        out.append(r)
+    """Every readable decomposition result, ordered by scale and the task registry (unreadable
+    files are skipped with a warning)."""
     order = {t: i for i, t in enumerate(TASKS)}
     scales = {s: i for i, s in enumerate(SCALES)}
-    return sorted(out, key=lambda r: (scales.get(r["scale"], 99), order.get(r["task"], 999), r["task"]))
+    return sorted(RESULTS.load(results_dir),
+                  key=lambda r: (scales.get(r["scale"], 99), order.get(r["task"], 999), r["task"]))
 
 def _length(value) -> str:
     if value is None:
