@@ -143,7 +143,7 @@ def decompose(session: Session, task_name: str, estimators=DEFAULT_ESTIMATORS) -
             est[spec] = {"error": f"{type(exc).__name__}: {exc}"}
 
     def gap(label, a, b, out_a, out_b):
-        return {"gap": label, "between": f"{a} / {b}", "d": _list(output_distance(out_a, out_b))}
+        return {"gap": label, "between": f"{a} / {b}", **_d(out_a, out_b)}
 
     gaps = [gap(label, a, b, outputs[a], outputs[b]) for label, a, b in GAPS]
     for spec, e in est.items():

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data as datasets
-from .base import GroundTruthConfig, Recipe, ScaleConfig, Splits, Task
+from .base import NOT_AT_CPU_SCALE, GroundTruthConfig, Recipe, ScaleConfig, Splits, Task
 
 
 def autoencoder(n_in: int, widths: tuple[int, ...]) -> nn.Module:
@@ -67,9 +67,7 @@ N_QUERY_POOL = 1000
 
 
 class MnistAutoencoder(Task):
-    # not at cpu scale by default: its ground truth and LiSSA take hours there (measured by
-    # `python -m benchmark.cost`, listed on the leaderboard); `--task NAME` still runs it
-    default_scales = ("smoke", "paper")
+    default_scales = NOT_AT_CPU_SCALE
     name = "ae-mnist"
     version = 1
     description = "deep autoencoder 784-1000-500-250-30 (sigmoid), MNIST, Bernoulli cross-entropy"

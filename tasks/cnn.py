@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data as datasets
-from .base import GroundTruthConfig, Recipe, ScaleConfig, Splits, Task
+from .base import NOT_AT_CPU_SCALE, GroundTruthConfig, Recipe, ScaleConfig, Splits, Task
 
 
 # ---------------------------------------------------------------- models
@@ -238,9 +238,7 @@ _PAPER_CHUNKS = {"lenet": (20, 1024), "alexnet": (10, 256), "vgg13": (5, 128), "
 
 
 class CNNTask(Task):
-    # not at cpu scale by default: its ground truth and LiSSA take hours there (measured by
-    # `python -m benchmark.cost`, listed on the leaderboard); `--task NAME` still runs it
-    default_scales = ("smoke", "paper")
+    default_scales = NOT_AT_CPU_SCALE
     arch: str
     dataset: str  # "mnist" or "cifar"
     version = 1

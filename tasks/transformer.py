@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data as datasets
-from .base import GroundTruthConfig, Recipe, ScaleConfig, Splits, Task
+from .base import NOT_AT_CPU_SCALE, GroundTruthConfig, Recipe, ScaleConfig, Splits, Task
 
 UNK, EOS = "<unk>", "<eos>"
 
@@ -139,9 +139,7 @@ _SCALES = {
 
 
 class PTBTransformer(Task):
-    # not at cpu scale by default: its ground truth and LiSSA take hours there (measured by
-    # `python -m benchmark.cost`, listed on the leaderboard); `--task NAME` still runs it
-    default_scales = ("smoke", "paper")
+    default_scales = NOT_AT_CPU_SCALE
     name = "transformer-ptb"
     version = 1
     description = "2-layer causal Transformer LM (hidden 256, 2 heads), Penn Treebank, fixed-length windows"

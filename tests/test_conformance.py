@@ -207,22 +207,17 @@ def test_planted_mistake_is_caught(cls, meant, collateral):
     assert failed <= {meant} | collateral, f"{cls.__name__}: unrelated checks failed: {failed - {meant} - collateral}"
 
 
-def test_messages_say_what_is_wrong():
+@pytest.mark.parametrize("cls, check, message", [
+    (Flipped, "closed_form", "sign is flipped"),
+    (NoEpsilon, "closed_form", "scale factor"),
+    (WritesData, "problem_read_only", "train inputs values changed"),
+    (TrainMode, "problem_read_only", "train mode"),
+    (RequiresGrad, "problem_read_only", "requires_grad"),
+])
+def test_messages_say_what_is_wrong(cls, check, message):
     with pytest.raises(EstimatorCheckError) as info:
-        check_estimator(Flipped(), checks=["closed_form"])
-    assert "sign is flipped" in str(info.value)
-    with pytest.raises(EstimatorCheckError) as info:
-        check_estimator(NoEpsilon(), checks=["closed_form"])
-    assert "scale factor" in str(info.value)
-    with pytest.raises(EstimatorCheckError) as info:
-        check_estimator(WritesData(), checks=["problem_read_only"])
-    assert "train inputs values changed" in str(info.value)
-    with pytest.raises(EstimatorCheckError) as info:
-        check_estimator(TrainMode(), checks=["problem_read_only"])
-    assert "train mode" in str(info.value)
-    with pytest.raises(EstimatorCheckError) as info:
-        check_estimator(RequiresGrad(), checks=["problem_read_only"])
-    assert "requires_grad" in str(info.value)
+        check_estimator(cls(), checks=[check])
+    assert message in str(info.value)
 
 
 # ---------------------------------------------------------------- the API
