@@ -34,6 +34,14 @@ class Estimator(ABC):
     #: require only a positive correlation with the closed-form influence, not its values
     uses_curvature: bool = True
 
+    #: how far, as a fraction of max |S|, a removed example's (or a query's) score may move when
+    #: other rows are scored in the same call. 0 for a direct method: only the rounding of the
+    #: batched products differs (the checks allow estimators.checks.SUBSET_RTOL for that). An
+    #: iterative solve stopped at a tolerance is defined only to about that tolerance, because its
+    #: unconverged iterates amplify those rounding differences (measured in estimators/cg.py).
+    #: The conformance checks that compare two calls allow max(SUBSET_RTOL, batch_rtol).
+    batch_rtol: float = 0.0
+
     def get_params(self) -> dict:
         """The hyperparameters, read from `__init__`'s signature (recorded in every result)."""
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
