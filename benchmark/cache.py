@@ -58,10 +58,20 @@ def atomic_write_text(text: str, path: Path) -> Path:
     return Path(path)
 
 
+def _umask() -> int:
+    """The process's file-mode creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    """The file gets the mode an ordinary open() would give it (0o666 less the umask), not
+    mkstemp's 0o600: a cache directory shared by a group stays readable by the group."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

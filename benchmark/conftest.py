@@ -27,6 +27,7 @@ from tasks import SCALES, TASKS, default_tasks, did_you_mean
 
 from . import guard
 from .ground_truth import ALL_RESPONSES
+from .measure import available_cpus
 from .report import summary_table
 from .runner import REPO, Session, Settings
 
@@ -59,7 +60,7 @@ def pytest_addoption(parser):
     group.addoption("--scale", default="cpu", choices=SCALES, help="problem sizes (default: cpu)")
     group.addoption("--threads", type=int, default=None,
                     help="torch intra-op threads (default: 1 at smoke scale, where operations are small and "
-                         "threads only add overhead; torch's default otherwise)")
+                         "threads only add overhead; under -n N the CPUs divided by N; torch's default otherwise)")
     group.addoption("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     group.addoption("--cache-dir", default=None, type=Path,
                     help="trained models and ground truth (default: $IFBENCH_CACHE_DIR or "
@@ -108,6 +109,18 @@ def _baseline_path(config) -> Path | None:
     return None if str(path).lower() in ("none", "") else Path(path)
 
 
+def default_threads(config) -> int | None:
+    """--threads, else 1 at smoke scale (tiny operations), else, under pytest-xdist, the CPUs
+    divided among the workers (no oversubscription: -n 2 on 2 cores gives each worker 1 thread),
+    else None (torch's default)."""
+    if config.getoption("--threads"):
+        return config.getoption("--threads")
+    if config.getoption("--scale") == "smoke":
+        return 1
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1) or 1)
+    return max(1, available_cpus() // workers) if workers > 1 else None
+
+
 def pytest_configure(config):
     if not hasattr(config.option, "scale"):
         return
@@ -122,7 +135,7 @@ def pytest_configure(config):
             guard.load(baseline)
         except ValueError as exc:
             raise pytest.UsageError(f"--baseline: {exc}") from None
-    threads = config.getoption("--threads") or (1 if config.getoption("--scale") == "smoke" else None)
+    threads = default_threads(config)
     if threads is not None:
         torch.set_num_threads(threads)
     config.stash[_SESSION] = Session(Settings(

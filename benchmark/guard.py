@@ -80,7 +80,7 @@ def verdict(result: dict, baseline: dict, source: str = "baseline") -> dict:
     entry = lookup(baseline, result)
     value = result.get(MAIN)
     if result.get("status") != "ok" or value is None:
-        return {"status": "not applicable", "message": "the row failed"}
+        return {"status": "not applicable", "message": f"the row has no main number (status {result.get('status')})"}
     if entry is None or entry.get(MAIN) is None:
         scale, gt, task, est = key(result)
         return {"status": "no baseline",

@@ -34,8 +34,8 @@ SCALE_ORDER = ("smoke", "cpu", "paper")
 CSV_COLUMNS = [
     "scale", "ground_truth", "task", "estimator", "status", "pearson", "pearson_ci_low", "pearson_ci_high",
     "spearman", "spearman_ci_low", "spearman_ci_high", "pearson_pooled", "spearman_pooled",
-    "output_distance_relative", "seconds", "seconds_fit", "seconds_scores", "peak_memory_mb", "evaluations",
-    "n_train", "n_params", "n_removed", "n_query", "gt_converged_fraction", "gt_median_relative_gradient_norm",
+    "pearson_undefined", "output_distance_relative", "seconds", "seconds_fit", "seconds_scores", "peak_memory_mb",
+    "evaluations", "contended", "loadavg_max", "n_train", "n_params", "n_removed", "n_query", "gt_converged_fraction", "gt_median_relative_gradient_norm",
     "gt_max_relative_gradient_norm", "gt_key", "commit", "torch", "device", "device_name", "threads", "seed",
     "date", "estimator_params", "error", "file",
 ]
@@ -124,6 +124,25 @@ def _best(rows: list[dict]) -> set[int]:
         return set()
     top = max(round(r["pearson"], 3) for r in ok)
     return {id(r) for r in ok if round(r["pearson"], 3) >= top}
+
+
+#: how a row without a main number is shown
+_STATUS = {"failed": "failed", "no_ground_truth": "no ground truth", "undefined": "undefined"}
+
+
+def _seconds(row: dict) -> str:
+    """Wall seconds, marked * when the row ran on a contended machine (benchmark.measure.machine_load)."""
+    text = _num(row.get("seconds"), ".2f")
+    return text + "*" if (row.get("load") or {}).get("contended") and text != "–" else text
+
+
+def _row_notes(row: dict) -> str:
+    notes = ["ok"]
+    if row.get("pearson_undefined"):
+        notes.append(f"{row['pearson_undefined']} of {row.get('n_query_scored')} queries undefined (constant)")
+    if row.get("global_state_changed"):
+        notes.append(f"changed torch state ({', '.join(row['global_state_changed'])}; restored)")
+    return "; ".join(notes)
 
 
 def _certificate_rows(rows: list[dict], tasks: list[str]) -> tuple[list[list], list[str]]:
@@ -264,9 +283,12 @@ How the numbers are computed (DESIGN.md §1–2):
 - **Main number: the mean over queries of the Pearson correlation across removed examples**
   between S[q, ·] and Δ[q, ·], with a 95 % percentile bootstrap interval over removed examples
   (1000 resamples). Spearman is the same with ranks. **Bold**: the best main number of a task
-  (ties: all).
+  (ties: all). A query whose scores or truth are constant has no correlation: it is left out
+  of the mean and counted; a row with no defined query is "undefined" and never bold.
 - seconds: wall time of `fit` + scoring on the device listed under provenance (not comparable
-  across machines); evaluations: a hardware-free count of model evaluations (forward passes,
+  across machines), marked * where the row ran contended (the 1-minute load average exceeded the
+  CPUs by more than 0.5 at its start or end; each result records its load and threads);
+  evaluations, the primary cost column: a hardware-free count of model evaluations (forward passes,
   per-example gradients, curvature–vector products, per example and per vector).
 - Scales differ in data, model size, R and Q: every scale has its own tables, and numbers from
   different scales are not comparable.
@@ -334,7 +356,7 @@ def build_page(rows: list[dict], out: Path, results_dir: Path, figures: bool = T
                 if r is None:
                     cells.append("")
                 elif r["status"] != "ok":
-                    cells.append("failed")
+                    cells.append(_STATUS.get(r["status"], "failed"))
                 else:
                     text = f"{r['pearson']:.3f}"
                     cells.append((f"**{text}**" if id(r) in best else text) + _ci(r, "pearson"))
@@ -350,12 +372,13 @@ def build_page(rows: list[dict], out: Path, results_dir: Path, figures: bool = T
                 if r is None:
                     continue
                 if r["status"] != "ok":
-                    detail.append([task, f"`{est}`", "–", "–", "–", "–", "–", f"failed: {str(r.get('error'))[:120]}"])
+                    detail.append([task, f"`{est}`", "–", "–", "–", _seconds(r), _num(r.get("evaluations"), ",d"),
+                                   f"{_STATUS.get(r['status'], 'failed')}: {str(r.get('error'))[:120]}"])
                     continue
                 main = f"{r['pearson']:.3f}"
                 detail.append([task, f"`{est}`", (f"**{main}**" if id(r) in best else main) + _ci(r, "pearson"),
                                _num(r.get("spearman")) + _ci(r, "spearman"), _num(r.get("output_distance_relative")),
-                               _num(r.get("seconds"), ".2f"), _num(r.get("evaluations"), ",d"), "ok"])
+                               _seconds(r), _num(r.get("evaluations"), ",d"), _row_notes(r)])
         lines += ["Per row:", "",
                   _table(["task", "estimator", "Pearson [95 % CI]", "Spearman [95 % CI]", "output dist. (rel.)",
                           "seconds", "evaluations", "status"], detail), ""]
@@ -397,7 +420,10 @@ def csv_rows(rows: list[dict]) -> list[dict]:
             **{k: r.get(k) for k in ("scale", "ground_truth", "task", "estimator", "status", "pearson", "spearman",
                                      "pearson_pooled", "spearman_pooled", "output_distance_relative", "seconds",
                                      "seconds_fit", "seconds_scores", "peak_memory_mb", "evaluations", "n_train",
-                                     "n_params", "n_removed", "n_query", "error")},
+                                     "n_params", "n_removed", "n_query", "error", "pearson_undefined")},
+            "contended": (r.get("load") or {}).get("contended"),
+            "loadavg_max": max([v for v in ((r.get("load") or {}).get(k) for k in ("loadavg_start", "loadavg_end"))
+                                if v is not None], default=None),
             "pearson_ci_low": p_ci[0], "pearson_ci_high": p_ci[1],
             "spearman_ci_low": s_ci[0], "spearman_ci_high": s_ci[1],
             "gt_converged_fraction": cert.get("converged_fraction"),

@@ -26,6 +26,17 @@ def _guard(verdict: dict | None) -> str:
     return {"no baseline": "no baseline", "not applicable": "–"}.get(verdict["status"], verdict["status"])
 
 
+def _status(row: dict) -> str:
+    text = {"ok": "ok", "no_ground_truth": "no ground truth (see result)",
+            "undefined": "correlation undefined (constant scores)"}.get(
+        row["status"], f"FAILED: {str(row.get('error'))[:60]}")
+    if row.get("pearson_undefined"):
+        text += f"; {row['pearson_undefined']} quer{'y' if row['pearson_undefined'] == 1 else 'ies'} undefined"
+    if row.get("global_state_changed"):
+        text += f"; changed (and restored) {', '.join(row['global_state_changed'])}"
+    return text
+
+
 def summary_table(rows: list[dict]) -> str:
     """One line per row: correlations with bootstrap intervals, output distance, cost."""
     table = []
@@ -36,8 +47,7 @@ def summary_table(rows: list[dict]) -> str:
             _fmt(r.get("pearson_pooled")), _fmt(r.get("output_distance_relative")),
             _fmt(r.get("seconds"), ".2f"), _fmt(r.get("evaluations"), ",d"),
             _fmt(gt.get("converged_fraction"), ".0%"),
-            {"ok": "ok", "no_ground_truth": "no ground truth (see result)"}.get(
-                r["status"], f"FAILED: {str(r.get('error'))[:60]}"),
+            _status(r),
             _guard(r.get("guard")),
         ])
     headers = ["task", "estimator", "pearson [95% CI]", "spearman [95% CI]", "pooled P", "out dist (rel)",

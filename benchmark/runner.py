@@ -21,10 +21,10 @@ import torch
 from estimators import ParameterEstimator, canonical_spec, make_estimator, parse_spec
 from tasks import check_scale, get_task
 
-from . import guard
+from . import guard, torch_state
 from .cache import Cache, atomic_write_text
 from .ground_truth import GroundTruth, build_problem, load_ground_truth
-from .measure import measure
+from .measure import machine_load, measure
 from .metrics import correlations, output_distance
 from .problem import Batch, Problem, TimeBudgetExceeded
 
@@ -37,6 +37,10 @@ MIN_TRUSTED_REMOVED = 3
 
 class NoGroundTruth(RuntimeError):
     """Too few removed examples have a local solution of the response function at this scale."""
+
+
+class UndefinedCorrelation(RuntimeError):
+    """Every query's correlation is undefined (constant scores or constant truth)."""
 
 
 class EstimatorFailure(RuntimeError):
@@ -109,6 +113,9 @@ def _as_scores(value, n_query: int, n_removed: int) -> torch.Tensor:
     if tuple(value.shape) != (n_query, n_removed):
         raise EstimatorFailure(f"scores() returned shape {tuple(value.shape)}, expected (n_query, n_removed) = "
                                f"({n_query}, {n_removed})")
+    if not value.is_floating_point():
+        raise EstimatorFailure(f"scores() returned dtype {str(value.dtype).replace('torch.', '')}, expected a floating "
+                               "dtype (float64 recommended): scores are predicted changes of a loss")
     if not torch.isfinite(value).all():
         bad = int((~torch.isfinite(value)).sum())
         raise EstimatorFailure(f"scores() returned {bad} non-finite values (NaN or inf) of {value.numel()}")
@@ -210,15 +217,29 @@ class Session:
             truth_scores = gt.scores(s.ground_truth).numpy()
             result["ground_truth_certificate"] = ground_truth_summary(gt, s.ground_truth)
             trusted = len(gt.removed) - int(untrusted_rows(gt.response(s.ground_truth)["certificate"]).sum())
-            # with too few trusted rows the estimator still runs (and is checked), unscored
-            self._score(result, problem, gt, truth_scores, estimator_spec, scored=trusted >= MIN_TRUSTED_REMOVED)
+            # with too few trusted rows the estimator still runs (and is checked), unscored; torch's
+            # global state is put back after it, whatever it did
+            state = torch_state.capture()
+            try:
+                self._score(result, problem, gt, truth_scores, estimator_spec, scored=trusted >= MIN_TRUSTED_REMOVED)
+            finally:
+                changed = torch_state.restore(state)
+                if changed:
+                    result["global_state_changed"] = changed
             if trusted < MIN_TRUSTED_REMOVED:
                 raise NoGroundTruth(
                     f"only {trusted} of {len(gt.removed)} removed examples have a trusted {s.ground_truth} solution "
                     f"(the others left the basin around θˢ or diverged), so no correlation can be measured at "
                     f"{s.scale} scale (the estimator ran and passed the output checks); the certificate in the "
                     f"result says more")
+            if result.get("pearson") is None:
+                raise UndefinedCorrelation(
+                    f"the correlation is undefined for every query: the estimator's scores or the ground truth do "
+                    f"not vary across the removed examples (constant; {result.get('pearson_undefined')} of "
+                    f"{result.get('n_query_scored')} queries)")
             result["status"] = "ok"
+        except UndefinedCorrelation as exc:
+            result["status"], result["error"] = "undefined", str(exc)
         except NoGroundTruth as exc:
             result["status"], result["error"] = "no_ground_truth", str(exc)
         except Exception as exc:
@@ -269,18 +290,19 @@ class Session:
         started = time.monotonic()
         problem.counter.deadline = None if budget is None else started + budget
         try:
-            with measure(s.device) as fit_m:
-                fitted = estimator.fit(problem)
-            if fitted is not estimator:
-                raise EstimatorFailure("fit() must return self")
-            delta = None
-            with measure(s.device) as score_m:
-                if isinstance(estimator, ParameterEstimator) and \
-                        type(estimator).scores is ParameterEstimator.scores:
-                    delta = estimator.parameter_change(removed)
-                    raw = estimator.scores_from_change(delta, problem.query)
-                else:
-                    raw = estimator.scores(removed, problem.query)
+            with machine_load() as load:
+                with measure(s.device) as fit_m:
+                    fitted = estimator.fit(problem)
+                if fitted is not estimator:
+                    raise EstimatorFailure("fit() must return self")
+                delta = None
+                with measure(s.device) as score_m:
+                    if isinstance(estimator, ParameterEstimator) and \
+                            type(estimator).scores is ParameterEstimator.scores:
+                        delta = estimator.parameter_change(removed)
+                        raw = estimator.scores_from_change(delta, problem.query)
+                    else:
+                        raw = estimator.scores(removed, problem.query)
             problem.counter.deadline = None
             if budget is not None and fit_m.seconds + score_m.seconds > budget:
                 raise EstimatorFailure(f"time budget exceeded: fit + scores took {fit_m.seconds + score_m.seconds:.1f} s, "
@@ -314,7 +336,7 @@ class Session:
             "seconds_fit": fit_m.seconds, "seconds_scores": score_m.seconds,
             "seconds": fit_m.seconds + score_m.seconds,
             "peak_memory_mb": max(fit_m.peak_memory_mb, score_m.peak_memory_mb),
-            "evaluations": evaluations["total"], "evaluations_by_kind": evaluations,
+            "evaluations": evaluations["total"], "evaluations_by_kind": evaluations, "load": load,
             "solver": getattr(estimator, "solver_", None),
         })
         outputs = self._output_distance(result, problem, gt, delta, scored) if delta is not None else None

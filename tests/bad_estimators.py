@@ -76,3 +76,33 @@ class ModifiesThenRaises(Estimator):
 
     def scores(self, train_idx, query):  # pragma: no cover - never reached
         return torch.zeros(len(query), len(train_idx), dtype=torch.float64)
+
+
+class IntegerScores(GradDot):
+    """Rounds its scores to int64: a loss change is not an integer."""
+
+    def scores(self, train_idx, query):
+        return (1e6 * super().scores(train_idx, query)).round().to(torch.int64)
+
+
+class ConstantScores(Estimator):
+    """The same score for every removed example: it ranks nothing."""
+
+    def fit(self, problem):
+        self.problem_ = problem
+        return self
+
+    def scores(self, train_idx, query):
+        return torch.ones(len(query), len(train_idx), dtype=torch.float64)
+
+
+class ChangesGlobalState(GradDot):
+    """Sets torch's process-wide state in fit and leaves it so (every later row would inherit it)."""
+
+    def fit(self, problem):
+        torch.set_default_dtype(torch.float64 if torch.get_default_dtype() == torch.float32 else torch.float32)
+        torch.set_num_threads(1 if torch.get_num_threads() != 1 else 2)
+        torch.manual_seed(1234)
+        torch.set_grad_enabled(False)
+        torch.use_deterministic_algorithms(True)
+        return super().fit(problem)

@@ -174,6 +174,7 @@ BAD = {
     "ModifiesParams": r"modified the problem's params",
     "FitReturnsNone": r"fit\(\) must return self",
     "ModifiesThenRaises": r"the estimator raised RuntimeError: failed after scribbling",
+    "IntegerScores": r"scores\(\) returned dtype int64, expected a floating dtype",
 }
 
 
@@ -192,6 +193,47 @@ def test_bad_estimator_fails_row_and_rest_goes_on(session, tmp_path, name):
     # ... and the next row measures the same thing as before the bad one
     assert after["pearson"] == pytest.approx(before["pearson"], abs=1e-12)
     assert after["spearman"] == pytest.approx(before["spearman"], abs=1e-12)
+
+
+def _numbers(result: dict) -> dict:
+    return {k: result[k] for k in ("pearson", "spearman", "pearson_pooled", "pearson_ci", "scores", "truth_scores")}
+
+
+def test_constant_scores_are_undefined_not_zero(session):
+    """Constant scores correlate with nothing: the row says undefined, has no main number (so it is
+    never bold and never enters the baseline), and the next row is unaffected."""
+    before = session.run("lr-cancer", "grad-dot")
+    result = session.run("lr-cancer", spec("ConstantScores"))
+    assert result["status"] == "undefined" and result["pearson"] is None and result["pearson_ci"] is None
+    assert result["pearson_undefined"] == result["n_query_scored"] > 0
+    assert "undefined for every query" in result["error"]
+    from benchmark import guard
+    assert guard.verdict(result, guard.empty())["status"] == "not applicable"
+    assert _numbers(session.run("lr-cancer", "grad-dot")) == _numbers(before)
+
+
+def test_global_state_is_restored_after_a_row_and_the_row_says_so(session):
+    """A row that changes torch's global state in fit: put back, named in that row, and the next
+    row's numbers are bitwise those of a row run without it."""
+    before_state = (torch.get_default_dtype(), torch.get_num_threads(), torch.random.get_rng_state(),
+                    torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled())
+    reference = session.run("lr-cancer", "lissa")
+    result = session.run("lr-cancer", spec("ChangesGlobalState"))
+    assert result["status"] == "ok", result["error"]
+    assert set(result["global_state_changed"]) >= {"default dtype", "threads", "torch RNG state", "grad mode",
+                                                   "deterministic algorithms"}
+    after_state = (torch.get_default_dtype(), torch.get_num_threads(), torch.random.get_rng_state(),
+                   torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled())
+    assert after_state[:2] == before_state[:2] and torch.equal(after_state[2], before_state[2])
+    assert after_state[3:] == before_state[3:]
+    assert "global_state_changed" not in (after := session.run("lr-cancer", "lissa"))
+    assert _numbers(after) == _numbers(reference)
+
+
+def test_each_row_records_the_load_it_ran_under(session):
+    load = session.run("lr-cancer", "exact")["load"]
+    assert load["threads"] == torch.get_num_threads() and load["cpus"] >= 1
+    assert isinstance(load["contended"], bool) and load["cpu_seconds_per_second"] >= 0
 
 
 @pytest.mark.parametrize("name", ["ModifiesParams", "ModifiesThenRaises"])
@@ -297,6 +339,19 @@ def test_foreign_fingerprint_is_not_trusted(tmp_path):
     with pytest.warns(CacheWarning):
         value, cached = cache.get_or_compute("kind", "name", FP, compute)
     assert not cached and value["n"] == 2
+
+
+@pytest.mark.parametrize("umask, mode", [(0o002, 0o664), (0o022, 0o644), (0o077, 0o600)])
+def test_cache_files_get_the_umask_mode(tmp_path, umask, mode):
+    """Not mkstemp's 0600: a cache directory shared by a group stays readable by the group."""
+    old = os.umask(umask)
+    try:
+        no_warnings_call(Cache(tmp_path), Counting())
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert files and all(p.stat().st_mode & 0o777 == mode for p in files), \
+        [(p.name, oct(p.stat().st_mode & 0o777)) for p in files]
 
 
 def test_interrupted_compute_leaves_nothing(tmp_path):

@@ -192,14 +192,31 @@ def test_correlations_monotone_nonlinear(truth):
     assert c["pearson"] < 0.99
 
 
-def test_correlations_constant_prediction_is_zero(truth):
+def test_correlations_with_a_constant_are_undefined(truth):
+    """A constant prediction ranks nothing: its correlations are undefined (None), counted, not 0."""
     c = correlations(np.zeros_like(truth), truth, n_boot=200)
-    for k in ("pearson", "spearman", "pearson_pooled", "spearman_pooled"):
-        assert c[k] == 0.0, k
-    assert c["pearson_ci"] == [0.0, 0.0]
-    # constant per query only: each row ranks nothing, the pooled number still sees the offsets
+    for k in ("pearson", "spearman", "pearson_pooled", "spearman_pooled", "pearson_ci", "spearman_ci"):
+        assert c[k] is None, k
+    assert c["pearson_undefined"] == c["spearman_undefined"] == truth.shape[0]
+    # constant per query only: each query is undefined, the pooled number still sees the offsets
     rows = np.repeat(np.arange(4.0)[:, None], 12, axis=1)
-    assert correlations(rows, truth, n_boot=10)["pearson"] == 0.0
+    c = correlations(rows, truth, n_boot=10)
+    assert c["pearson"] is None and c["pearson_undefined"] == 4 and c["pearson_pooled"] is not None
+    # a constant up to float rounding is constant too (the mean of R copies of 0.1 is not 0.1)
+    assert correlations(np.full_like(truth, 0.1), truth, n_boot=10)["pearson"] is None
+
+
+def test_undefined_queries_are_left_out_of_the_mean(truth):
+    """One query with constant truth: the mean is over the other queries, and it is counted."""
+    t = truth.copy()
+    t[1] = 0.5
+    pred = t + 0.1 * np.random.default_rng(2).normal(size=t.shape)
+    c = correlations(pred, t, n_boot=50)
+    others = [stats.pearsonr(pred[q], t[q])[0] for q in (0, 2, 3)]
+    assert c["pearson_undefined"] == 1
+    assert c["pearson"] == pytest.approx(np.mean(others), abs=1e-12)
+    lo, hi = c["pearson_ci"]
+    assert lo <= c["pearson"] <= hi
 
 
 def test_correlations_match_scipy(truth):
