@@ -141,4 +141,28 @@ def update(path: Path | str, results: list[dict]) -> list[tuple[str, str, str, s
     return written
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmark.guard --from leaderboard/results [--baseline leaderboard/baseline.json]`:
+    write the baseline entries of every ok row among the committed result files (the rows the
+    leaderboard shows), without rerunning them."""
+    import argparse
+
+    from .leaderboard import REPO, load_results
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--from", dest="results", type=Path, default=REPO / "leaderboard" / "results")
+    parser.add_argument("--baseline", type=Path, default=REPO / "leaderboard" / "baseline.json")
+    parser.add_argument("--scale", action="append", help="only rows of this scale (repeatable; default: all)")
+    args = parser.parse_args(argv)
+    rows = [r for r in load_results(args.results) if not args.scale or r.get("scale") in args.scale]
+    written = update(args.baseline, rows)
+    print(f"{len(written)} baseline entr{'y' if len(written) == 1 else 'ies'} written to {args.baseline} "
+          f"from {len(rows)} result file(s) in {args.results}")
+    return 0
+
+
 __all__ = ["MAIN", "RULE", "TOLERANCE_FLOOR", "tolerance", "load", "lookup", "verdict", "update", "entry_from"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

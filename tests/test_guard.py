@@ -134,3 +134,29 @@ def test_degraded_estimator_fails_the_guard(cache_dir, tmp_path):
 def test_baseline_none_disables_the_guard(cache_dir, tmp_path):
     out = bench(cache_dir, tmp_path, "--estimator", "tests/degraded.py:FlippedExact", "--baseline", "none")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_committed_row_has_a_baseline_entry():
+    """No row of the committed leaderboard passes the guard unchecked: each ok row under
+    leaderboard/results has its entry in leaderboard/baseline.json, with its own main number
+    (`python -m benchmark.guard` writes them)."""
+    from benchmark.leaderboard import REPO, load_results
+    baseline = guard.load(REPO / "leaderboard" / "baseline.json")
+    rows = [r for r in load_results(REPO / "leaderboard" / "results") if r["status"] == "ok"]
+    assert rows, "no committed result rows"
+    missing = [guard.key(r) for r in rows if guard.lookup(baseline, r) is None]
+    assert not missing, f"committed rows without a baseline entry: {missing}"
+    stale = [guard.key(r) for r in rows if guard.lookup(baseline, r)["pearson"] != pytest.approx(r["pearson"], abs=1e-9)]
+    assert not stale, f"baseline entries that are not the committed rows' numbers: {stale}"
+
+
+def test_baseline_from_result_files(tmp_path):
+    rows_dir = tmp_path / "results" / "cpu"
+    rows_dir.mkdir(parents=True)
+    ok = {"task": "t", "estimator": "e", "scale": "cpu", "ground_truth": "pbrf", "status": "ok", "pearson": 0.8,
+          "pearson_ci": [0.7, 0.9]}
+    (rows_dir / "a.json").write_text(json.dumps(ok))
+    (rows_dir / "b.json").write_text(json.dumps({**ok, "estimator": "f", "status": "undefined", "pearson": None}))
+    assert guard.main(["--from", str(tmp_path / "results"), "--baseline", str(tmp_path / "b.json")]) == 0
+    entries = guard.load(tmp_path / "b.json")["entries"]["cpu"]["pbrf"]["t"]
+    assert set(entries) == {"e"} and entries["e"]["tolerance"] == pytest.approx(0.1)
