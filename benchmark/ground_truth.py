@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,7 +25,7 @@ from . import retraining
 from .cache import Cache, content_key
 from .problem import Batch, FunctionalModel, Problem
 from .responses import DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf
-from .training import train
+from .training import Checkpoint, train, training_checkpoints
 
 # Bump when the ground-truth computation changes in a way that changes its numbers.
 GROUND_TRUTH_VERSION = 1
@@ -34,6 +35,9 @@ GROUND_TRUTH_VERSION = 1
 # image MLP costs minutes, and only --ground-truth <retraining> and the decomposition need them.
 RESPONSES = ("pbrf", "linear")
 ALL_RESPONSES = ("pbrf", "linear", *retraining.RESPONSES)
+#: epoch ends of the base training kept for TracIn-style estimators (Problem.checkpoints):
+#: computed on first use by running the seeded base training again, and cached
+CHECKPOINTS = 5
 
 
 def seeded_choice(n: int, k: int, seed: int) -> Tensor:
@@ -63,6 +67,23 @@ def build_problem(task: Task, scale: str, data_root: Path, cache: Cache, device:
     if "buffers" in trained:
         model.set_buffers(trained["buffers"])
     query_idx = seeded_choice(len(splits.x_query), gt_cfg.n_query, seed=recipe.seed + 1)
+    theta0, theta_s = trained["theta0"].to(device), trained["theta"].to(device)
+
+    def checkpoints() -> list:
+        """The base training run again from θ⁰, keeping CHECKPOINTS epoch ends (cached)."""
+        def compute_checkpoints():
+            kept, final = training_checkpoints(model, task.loss, train_data, theta0, recipe, CHECKPOINTS)
+            difference = float((final - theta_s).norm() / theta_s.norm().clamp_min(1e-300))
+            return {"checkpoints": [dataclasses.asdict(c) for c in kept], "theta_difference": difference}
+
+        value, _ = cache.get_or_compute("checkpoints", f"{task.name}-{scale}",
+                                        {**task.fingerprint(scale), "checkpoints": CHECKPOINTS}, compute_checkpoints)
+        if value["theta_difference"] > 1e-6:
+            warnings.warn(f"{task.name} at {scale}: rerunning the base training for its checkpoints ended "
+                          f"{value['theta_difference']:.2e} (relative) away from the cached θˢ (trained on another "
+                          "machine?): the checkpoints are of a neighbouring trajectory")
+        return [Checkpoint(**c) for c in value["checkpoints"]]
+
     problem = Problem(
         task=task.name, scale=scale, model=model, params=trained["theta"].to(device),
         train=train_data, query=Batch(to(splits.x_query[query_idx]), to(splits.y_query[query_idx])),
@@ -70,6 +91,7 @@ def build_problem(task: Task, scale: str, data_root: Path, cache: Cache, device:
         theta0=trained["theta0"].to(device), training_certificate=trained["certificate"],
         **({"chunk_size": gt_cfg.example_chunk} if gt_cfg.example_chunk else {}),
     )
+    problem.checkpoint_source = checkpoints
     return problem
 
 

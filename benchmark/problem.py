@@ -156,6 +156,19 @@ class Problem:
         self.training_certificate = training_certificate or {}
         self.chunk_size = int(chunk_size)
         self.counter = EvaluationCounter()
+        #: () -> list of benchmark.training.Checkpoint, set by the harness (computed and cached on
+        #: first use); None: a problem without a training history (see `checkpoints`)
+        self.checkpoint_source: Callable[[], list] | None = None
+
+    def checkpoints(self) -> list:
+        """θ at a few epoch ends of the base training, as benchmark.training.Checkpoint (epoch,
+        theta (d,), weight η·epochs/|B|), oldest first, for TracIn-style estimators. Fresh copies
+        on every call (read-only for the problem's purposes). A problem built without a training
+        history (the conformance checks' small problems) has one: θˢ with weight ε."""
+        from .training import Checkpoint
+        if self.checkpoint_source is None:
+            return [Checkpoint(0, self.params.clone(), self.epsilon)]
+        return [Checkpoint(c.epoch, c.theta.to(self.device).clone(), c.weight) for c in self.checkpoint_source()]
 
     # ---- sizes -----------------------------------------------------------------------------
     @property

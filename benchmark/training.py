@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -114,8 +115,23 @@ def _module_loop(module: nn.Module) -> bool:
     return has_batch_norm(module) or any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
 
+EpochEnd = Callable[[int, Tensor], None]  # (epoch, θ at its end)
+
+
+def _epochs(n: int, batch_size: int, epochs: int, seed: int, on_epoch_end: EpochEnd | None, theta):
+    """batch_order, calling on_epoch_end(epoch, theta()) after the last batch of every epoch."""
+    previous = None
+    for epoch, idx in batch_order(n, batch_size, epochs, seed):
+        if on_epoch_end is not None and previous is not None and epoch != previous:
+            on_epoch_end(previous, theta())
+        previous = epoch
+        yield epoch, idx
+    if on_epoch_end is not None and previous is not None:
+        on_epoch_end(previous, theta())
+
+
 def train_mode_minibatch(model: FunctionalModel, loss, data: Batch, theta: Tensor,
-                         recipe: Recipe) -> tuple[Tensor, dict[str, Tensor]]:
+                         recipe: Recipe, on_epoch_end: EpochEnd | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The recipe's SGD / Adam with the module in train mode (batch norm normalises by batch
     statistics and updates its running statistics), same batch order as `sgd`.
     Returns θ (d,) and the final buffers (the module itself is left in eval mode)."""
@@ -124,7 +140,8 @@ def train_mode_minibatch(model: FunctionalModel, loss, data: Batch, theta: Tenso
     theta = theta.clone()
     model.module.train()
     try:
-        for epoch, idx in batch_order(len(data), recipe.batch_size or len(data), recipe.epochs, recipe.seed):
+        for epoch, idx in _epochs(len(data), recipe.batch_size or len(data), recipe.epochs, recipe.seed,
+                                  on_epoch_end, lambda: theta):
             idx = idx.to(data.inputs.device)
             th = theta.detach().requires_grad_(True)
             out = functional_call(model.module, (model.unflatten(th), buffers), (data.inputs[idx],))
@@ -138,12 +155,13 @@ def train_mode_minibatch(model: FunctionalModel, loss, data: Batch, theta: Tenso
 
 def sgd(model: FunctionalModel, loss, data: Batch, theta: Tensor, recipe: Recipe, *,
         weights: Tensor | None = None, epochs: int | None = None, seed: int | None = None,
-        proximal: tuple[float, Tensor] | None = None) -> Tensor:
+        proximal: tuple[float, Tensor] | None = None, on_epoch_end: EpochEnd | None = None) -> Tensor:
     """Minibatch SGD (with the recipe's momentum, learning-rate steps and weight decay), or Adam
     when recipe.optimizer == "adam". The model is evaluated in eval mode (buffers frozen).
 
     theta: (d,) or stacked (R, d); weights: (N,) or (R, N) example weights (default ones);
-    proximal: optional (λ, anchor (d,)) adding (λ/2)‖θ − anchor‖². Returns θ of theta's shape.
+    proximal: optional (λ, anchor (d,)) adding (λ/2)‖θ − anchor‖²; on_epoch_end(epoch, θ) is
+    called after every epoch (θ of theta's shape). Returns θ of theta's shape.
     """
     stacked = theta.dim() == 2
     theta = theta if stacked else theta.unsqueeze(0)
@@ -163,7 +181,8 @@ def sgd(model: FunctionalModel, loss, data: Batch, theta: Tensor, recipe: Recipe
     step = vmap(grad(batch_objective), in_dims=(0, 0, None, None))
     update = _Update(recipe, theta)
     theta = theta.clone()
-    for epoch, idx in batch_order(n, recipe.batch_size or n, epochs, seed):
+    shaped = (lambda: theta) if stacked else (lambda: theta[0])
+    for epoch, idx in _epochs(n, recipe.batch_size or n, epochs, seed, on_epoch_end, shaped):
         idx = idx.to(data.inputs.device)
         g = step(theta, weights[:, idx], data.inputs[idx], data.targets[idx])
         theta = update(theta, g, epoch)
@@ -213,3 +232,53 @@ def train(model: FunctionalModel, loss, data: Batch, recipe: Recipe) -> TrainedM
     if not torch.isfinite(theta).all():
         raise FloatingPointError(f"training diverged (non-finite parameters); recipe {recipe}")
     return TrainedModel(theta0, theta, certificate, buffers)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """θ at the end of one epoch of base training (d,), and the weight TracIn gives it:
+    weight = η · epochs / |B|, with η the learning rate of that epoch, `epochs` the epochs since
+    the previous checkpoint and |B| the batch size (each of those epochs takes one step of size
+    η / |B| along ∇ℓₘ). L-BFGS training has one checkpoint, θˢ, of weight ε = 1/N."""
+
+    epoch: int
+    theta: Tensor
+    weight: float
+
+
+def checkpoint_epochs(epochs: int, count: int) -> list[int]:
+    """`count` evenly spaced epochs of range(epochs), the last one included (0-based, sorted)."""
+    count = max(1, min(count, epochs))
+    return sorted({round((i + 1) * epochs / count) - 1 for i in range(count)})
+
+
+def training_checkpoints(model: FunctionalModel, loss, data: Batch, theta0: Tensor, recipe: Recipe,
+                         count: int) -> tuple[list[Checkpoint], Tensor]:
+    """Run the base training from θ⁰ again, keeping θ at `count` evenly spaced epoch ends.
+
+    Returns the checkpoints and the final θ (for the caller to compare with the cached θˢ: the
+    recipe is seeded, so the two agree unless the hardware or the code changed). Batch-norm
+    models train in train mode as in `train`; their buffers are not kept."""
+    batch = recipe.batch_size or len(data)
+    if recipe.optimizer == "lbfgs":
+        theta = lbfgs(model, loss, data, theta0, recipe)
+        return [Checkpoint(recipe.epochs - 1, theta.clone(), 1.0 / len(data))], theta
+    keep, kept = checkpoint_epochs(recipe.epochs, count), {}
+
+    def on_epoch_end(epoch: int, theta: Tensor) -> None:
+        if epoch in keep:
+            kept[epoch] = theta.detach().clone()
+
+    if _module_loop(model.module):
+        saved = {k: b.clone() for k, b in model.buffers.items()}
+        try:
+            theta, _ = train_mode_minibatch(model, loss, data, theta0, recipe, on_epoch_end=on_epoch_end)
+        finally:
+            model.set_buffers(saved)
+    else:
+        theta = sgd(model, loss, data, theta0, recipe, on_epoch_end=on_epoch_end)
+    out, previous = [], -1
+    for epoch in keep:
+        out.append(Checkpoint(epoch, kept[epoch], learning_rate(recipe, epoch) * (epoch - previous) / batch))
+        previous = epoch
+    return out, theta

@@ -42,6 +42,10 @@ class Estimator(ABC):
     #: The conformance checks that compare two calls allow max(SUBSET_RTOL, batch_rtol).
     batch_rtol: float = 0.0
 
+    #: True for estimators that read Problem.checkpoints(): the harness computes (or loads) the
+    #: training checkpoints before it starts the clock, as it does the ground truth
+    uses_checkpoints: bool = False
+
     def get_params(self) -> dict:
         """The hyperparameters, read from `__init__`'s signature (recorded in every result)."""
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
