@@ -73,7 +73,7 @@ class _Layer:
         return a
 
     def pseudo_gradients(self, ds: Tensor) -> Tensor:
-        """∂(r_cᵀ f)/∂z for k columns, z's shape behind (k, n) -> (k, n, T, out)."""
+        """∂(r_cᵀ f)/∂z for k columns, (k, *z.shape) -> (k, n, T, out)."""
         if isinstance(self.module, nn.Conv2d):
             return ds.flatten(3).transpose(2, 3)
         return ds.reshape(ds.shape[0], ds.shape[1], -1, ds.shape[-1])
@@ -150,6 +150,8 @@ class KFAC(ParameterEstimator):
                 captured.clear()
                 out = module(inputs)
                 n, C = out.shape
+                if len(captured) < len(layers):
+                    raise ValueError("K-FAC: a Linear/Conv2d layer of the module is not called by its forward pass")
                 problem.counter.add("forward", n)
                 problem.counter.add("gradient", n * C)
                 R = psd_sqrt(output_hessians(problem.loss, out.detach(), targets))  # (n, C, C), H = R Rᵀ
@@ -158,7 +160,8 @@ class KFAC(ParameterEstimator):
                 for c0 in range(0, C, self.column_chunk):
                     cols = R[:, :, c0:c0 + self.column_chunk].permute(2, 0, 1)  # (k, n, C)
                     last = c0 + self.column_chunk >= C
-                    ds = torch.autograd.grad(out, zs, grad_outputs=cols, retain_graph=not last, is_grads_batched=True)
+                    ds = torch.autograd.grad(out, zs, grad_outputs=cols, retain_graph=not last,
+                                             is_grads_batched=True, allow_unused=True, materialize_grads=True)
                     yield [(a, layer.pseudo_gradients(g)) for layer, a, g in zip(layers, acts, ds)], c0 == 0
         finally:
             for h in handles:
