@@ -7,9 +7,16 @@ G = (1/N) Σᵢ Jᵢᵀ H_y,ᵢ Jᵢ is the Gauss–Newton Hessian of the data t
 All operators take and return flat parameter vectors: θ has shape (d,), a stack of k
 vectors has shape (k, d). Products are batched over the k vectors with torch.func.vmap and
 chunked over training examples to bound memory. Every operator adds to `problem.counter`.
+
+Library code (hooks, torch.optim, DataLoaders, K-FAC packages) gets a plain nn.Module and a
+DataLoader instead: `problem.module()` (a private copy at θˢ, eval mode, frozen buffers) and
+`problem.train_loader(batch_size)`; the loss of a batch is `problem.loss(outputs, targets).mean()`.
+Those evaluations are NOT counted by `problem.counter` (nor interrupted by the time budget);
+code that uses them should report its own work with `problem.counter.add(kind, n)`.
 """
 from __future__ import annotations
 
+import copy
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -199,6 +206,28 @@ class Problem:
         for start in range(0, len(batch), self.chunk_size):
             yield Batch(batch.inputs[start:start + self.chunk_size],
                         batch.targets[start:start + self.chunk_size])
+
+    # ---- library access ----------------------------------------------------------------------
+    def module(self) -> nn.Module:
+        """A fresh deep copy of the model's nn.Module with θˢ loaded, in eval mode, its buffers
+        (batch-norm running statistics) frozen at `model.buffers`, requires_grad on every
+        parameter, sharing no storage with the problem: for library code (hooks, torch.optim).
+        Its loss over a batch is `problem.loss(module(inputs), targets).mean()`. Evaluations
+        through it are NOT counted by `problem.counter`: report them with `counter.add`."""
+        copied = FunctionalModel(copy.deepcopy(self.model.module))  # FunctionalModel sets eval mode
+        copied.load(self.params)
+        copied.set_buffers(self.model.buffers)
+        for p in copied.module.parameters():
+            p.requires_grad_(True)
+        return copied.module
+
+    def train_loader(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> "torch.utils.data.DataLoader":
+        """A DataLoader over the training set yielding (inputs, targets) batches, in order, or
+        shuffled by a torch.Generator seeded with `seed`. Not counted by `problem.counter`."""
+        from torch.utils.data import DataLoader, TensorDataset
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        return DataLoader(TensorDataset(self.train.inputs, self.train.targets), batch_size=batch_size,
+                          shuffle=shuffle, generator=generator)
 
     # ---- evaluations -----------------------------------------------------------------------
     def outputs(self, inputs: Tensor, params: Tensor | None = None) -> Tensor:

@@ -23,6 +23,7 @@ from .base import Estimator, NotFittedError, ParameterEstimator
 from .cg import CG
 from .exact import Exact
 from .grad_dot import GradDot
+from .kfac import KFAC
 from .lissa import LiSSA
 from .tracin import TracIn
 
@@ -37,6 +38,8 @@ REGISTRY: dict[str, Callable[[], Estimator]] = {
     # LiSSA truncated at depth J damps by about s/J extra; a deeper recursion shows the cost of
     # removing that bias (the default depth 1000 leaves it)
     "lissa-depth5000": partial(LiSSA, depth=5000),
+    "kfac": KFAC,
+    "ekfac": partial(KFAC, eigenvalue_correction=True),
     "tracin": TracIn,
 }
 
@@ -193,4 +196,4 @@ def make_estimator(spec: str, **params) -> Estimator:
 
 __all__ = ["REGISTRY", "DEFAULT_ESTIMATORS", "Estimator", "ParameterEstimator", "NotFittedError",
            "UnknownEstimator", "EstimatorSpecError", "make_estimator", "parse_spec", "parse_param", "format_spec",
-           "canonical_spec", "CG", "Exact", "GradDot", "LiSSA", "TracIn"]
+           "canonical_spec", "CG", "Exact", "GradDot", "KFAC", "LiSSA", "TracIn"]

@@ -302,3 +302,60 @@ def test_pbrf_objective_recomputes_base_outputs_when_too_large(mlp, monkeypatch)
     assert stored.stored and not recomputed.stored and not hasattr(recomputed, "base_outputs")
     for a, b in zip(stored.value_and_gradient(Delta), recomputed.value_and_gradient(Delta)):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+class _BatchNormNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 4)
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.bn(self.fc(x))))
+
+
+def _batch_norm_problem():
+    """A Problem whose nn.Module holds neither θˢ nor the frozen running statistics."""
+    from benchmark.problem import FunctionalModel, Problem
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = FunctionalModel(_BatchNormNet().double())
+    # the functional model's frozen statistics (what the operators use), not the module's own
+    model.buffers = {**model.buffers, "bn.running_mean": torch.linspace(-1, 1, 4, dtype=torch.float64),
+                     "bn.running_var": torch.linspace(0.5, 2, 4, dtype=torch.float64)}
+    theta = torch.randn(model.n_params, generator=g, dtype=torch.float64)
+    X, y = torch.randn(10, 3, generator=g, dtype=torch.float64), torch.randint(2, (10,), generator=g)
+    return Problem(task="bn", scale="smoke", model=model, params=theta, train=Batch(X, y), query=Batch(X[:2], y[:2]),
+                   loss=lambda o, t: F.cross_entropy(o, t, reduction="none"), damping=1e-3, weight_decay=0.0, seed=0)
+
+
+def test_module_is_a_private_copy_at_the_base_parameters():
+    from estimators.checks import problem_changes, problem_state
+    p = _batch_norm_problem()
+    state = problem_state(p)
+    m = p.module()
+    assert not m.training and all(q.requires_grad for q in m.parameters())
+    assert torch.equal(torch.cat([q.detach().reshape(-1) for q in m.parameters()]), p.params)
+    assert all(torch.equal(b, p.model.buffers[k]) for k, b in m.named_buffers())
+    with torch.no_grad():
+        torch.testing.assert_close(m(p.train.inputs), p.outputs(p.train.inputs), rtol=1e-14, atol=0)
+    m.train()(p.train.inputs).sum().backward()  # updates the copy's running statistics and grads
+    with torch.no_grad():
+        for q in m.parameters():
+            q.add_(1.0)
+    assert problem_changes(p, state) == []
+    assert not m.bn.running_mean.equal(p.model.buffers["bn.running_mean"])
+    assert p.module().bn.running_mean.equal(p.model.buffers["bn.running_mean"])  # a fresh copy each call
+
+
+def test_train_loader_in_order_and_seeded_shuffle():
+    p = _batch_norm_problem()
+    batches = list(p.train_loader(4))
+    assert [len(x) for x, _ in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([x for x, _ in batches]), p.train.inputs)
+    assert torch.equal(torch.cat([t for _, t in batches]), p.train.targets)
+    order = lambda seed: torch.cat([x for x, _ in p.train_loader(3, shuffle=True, seed=seed)])
+    assert torch.equal(order(1), order(1)) and not torch.equal(order(1), order(2))
+    assert not torch.equal(order(1), p.train.inputs)
+    assert torch.equal(order(1)[:, 0].sort().values, p.train.inputs[:, 0].sort().values)
