@@ -24,7 +24,7 @@ from torch.func import vmap
 
 from tasks.base import Recipe, Task
 
-from . import retraining
+from . import retraining, second_solve
 from .cache import Cache, content_key
 from .problem import Batch, FunctionalModel, Problem
 from .responses import DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf
@@ -159,6 +159,7 @@ def response_fingerprint(task: Task, scale: str, response: str, settings: Solver
         "version": GROUND_TRUTH_VERSION,
         **({"retraining": retraining.RETRAINING_VERSION} if response in retraining.RESPONSES else {}),
         **({"second_solve": {"n": n_second_solve(task, scale), "settings": dataclasses.asdict(SECOND_SOLVE_SETTINGS),
+                             "version": second_solve.VERSION,
                              "first": content_key(response_fingerprint(task, scale, "pbrf", settings))}}
            if response == SECOND_SOLVE else {}),
     }

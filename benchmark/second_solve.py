@@ -31,6 +31,8 @@ from .problem import Problem
 log = logging.getLogger("ifbench")
 
 METHOD = "full-batch L-BFGS from the linearized solution"
+#: bump when the second solve changes in a way that changes its numbers (part of its cache key)
+VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -247,4 +249,4 @@ def error_bar_text(summary: dict | None) -> str:
 
 
 __all__ = ["SecondSolveSettings", "DirectPBRFObjective", "second_pbrf", "disagreement", "tie_margin", "error_bar_text",
-           "METHOD"]
+           "METHOD", "VERSION"]
