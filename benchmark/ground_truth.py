@@ -90,7 +90,8 @@ class GroundTruth:
 
     removed (R,) training indices; eval_idx (n_eval,) training indices whose outputs are stored;
     base_outputs (n_eval, C) = f(θˢ, x); responses[name] = {"scores": (Q, R), "outputs":
-    (R, n_eval, C), "certificate": dict}; key: the cache key it was stored under.
+    (R, n_eval, C), "certificate": dict}, and responses["pbrf-check"] the second solve of K of
+    them (compute_second_solve); key: the cache keys it was stored under.
     A response of ALL_RESPONSES not loaded yet is loaded or computed (and cached) on first use.
     """
 

@@ -38,8 +38,8 @@ CSV_COLUMNS = [
     "output_distance_relative", "seconds", "seconds_fit", "seconds_scores", "peak_memory_mb", "evaluations",
     "n_train", "n_params", "n_removed", "n_query", "gt_converged_fraction", "gt_median_relative_gradient_norm",
     "gt_max_relative_gradient_norm", "gt_second_solve_median_relative_error", "gt_second_solve_max_relative_error",
-    "gt_ceiling", "gt_ceiling_ci_low", "gt_ceiling_ci_high", "tied_with_best", "gt_key", "commit", "torch", "device", "device_name", "threads", "seed",
-    "date", "estimator_params", "error", "file",
+    "gt_ceiling", "gt_ceiling_ci_low", "gt_ceiling_ci_high", "tied_with_best", "gt_key", "commit", "torch", "device",
+    "device_name", "threads", "seed", "date", "estimator_params", "error", "file",
 ]
 
 

@@ -15,7 +15,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from benchmark import ground_truth as gt_mod
