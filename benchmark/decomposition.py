@@ -42,8 +42,11 @@ from estimators import DEFAULT_ESTIMATORS
 from tasks import SCALES, TASKS, default_tasks
 
 from .cache import TaskResultFiles
+from .ground_truth import SECOND_SOLVE
 from .metrics import correlations, output_distance
-from .runner import MIN_TRUSTED_REMOVED, REPO, NoGroundTruth, Session, Settings, git_commit, untrusted_rows
+from .runner import (MIN_TRUSTED_REMOVED, REPO, NoGroundTruth, Session, Settings, git_commit, second_solve_summary,
+                     untrusted_rows)
+from .second_solve import error_bar_text
 
 #: (label, response a, response b) of the first four gaps; a solver error per estimator follows
 GAPS = (
@@ -182,11 +185,17 @@ def decompose(session: Session, task_name: str, estimators=DEFAULT_ESTIMATORS) -
             "median_rel_grad": float(np.median(rel)) if rel.size else None,
             "length": cert.get("epochs", cert.get("iterations", cert.get("steps"))),
         }
+    second = second_solve_summary(gt.responses[SECOND_SOLVE]) if SECOND_SOLVE in gt.responses else None
+    if second is not None:
+        cert = gt.responses[SECOND_SOLVE]["certificate"]
+        certificates["pbrf (second solve)"] = {
+            "seconds": cert["seconds"], "converged": second["converged_fraction"],
+            "median_rel_grad": float(np.median(cert["relative_gradient_norm"])), "length": cert["iterations"]}
     return {"task": task_name, "scale": session.settings.scale, "n_train": problem.n_train,
             "n_params": problem.n_params, "n_removed": len(gt.removed), "n_trusted": int(keep.sum()),
             "n_eval": len(gt.eval_idx), "n_query": len(problem.query),
             "effect": _list(output_distance(base, outputs["pbrf"])), "gaps": gaps, "drift": drift,
-            "table2": table2, "certificates": certificates,
+            "table2": table2, "certificates": certificates, "second_solve": second,
             "provenance": {"commit": git_commit(), "torch": torch.__version__, "device": session.settings.device,
                            "threads": torch.get_num_threads(), "ground_truth_key": gt.key,
                            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
@@ -325,6 +334,12 @@ def task_markdown(r: dict, figure: str | None) -> str:
               "‖∇J_m‖ / ε‖∇ℓₘ(θˢ)‖ of each response's own objective):", "",
               tabulate(rows, headers=["response", "seconds", "epochs / steps", "converged", "median rel. grad."],
                        tablefmt="github"), ""]
+    second = r.get("second_solve")
+    if second:
+        lines += [f"Ground-truth error bar: the PBRF of {second['n']} of the removed examples solved a second time "
+                  f"({second['method']}; {second['n_trusted']} trusted by both solves): "
+                  f"{error_bar_text(second)} (relative error ‖s₁ − s₂‖ / ‖s₁‖ of the scores over the queries; "
+                  "ceiling: the per-query Pearson between the two solves, 95 % bootstrap interval).", ""]
     return "\n".join(lines)
 
 

@@ -5,6 +5,9 @@ Ground truth, for R removed training examples and Q queries, per response functi
                    (− ℓ_q(θ_ref), the run with nothing removed, for cold- / warm-controlled)
   outputs[m]     = f(θʳ₋ₘ, x) on a fixed evaluation subset of the training inputs (R, n_eval, C)
   certificate    how accurately θʳ₋ₘ solves its problem.
+and, with the PBRF (DESIGN.md §6), "pbrf-check": a second, independent solve of a seeded subset
+of K removed examples (benchmark.second_solve): its scores (Q, K), certificate and the
+disagreement with the first solve (relative error per example, the ceiling Pearson).
 """
 from __future__ import annotations
 
@@ -16,15 +19,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import numpy as np
 from torch import Tensor
 from torch.func import vmap
 
 from tasks.base import Recipe, Task
 
-from . import retraining
+from . import retraining, second_solve
 from .cache import Cache, content_key
 from .problem import Batch, FunctionalModel, Problem
 from .responses import DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf
+from .second_solve import SecondSolveSettings, disagreement, second_pbrf
 from .training import Checkpoint, train, training_checkpoints
 
 # Bump when the ground-truth computation changes in a way that changes its numbers.
@@ -33,11 +38,17 @@ GROUND_TRUTH_VERSION = 1
 # proximal and the drift-controlled variants) are computed on first use instead
 # (GroundTruth.response) and cached the same way: at cpu scale a cold-start retraining of an
 # image MLP costs minutes, and only --ground-truth <retraining> and the decomposition need them.
-RESPONSES = ("pbrf", "linear")
+#: the second, independent PBRF solve of a subset of the removed examples: the ground truth's
+#: error bar (DESIGN.md §6); not a response function of its own (it covers K of the R examples)
+SECOND_SOLVE = "pbrf-check"
+RESPONSES = ("pbrf", "linear", SECOND_SOLVE)
 ALL_RESPONSES = ("pbrf", "linear", *retraining.RESPONSES)
 #: epoch ends of the base training kept for TracIn-style estimators (Problem.checkpoints):
 #: computed on first use by running the seeded base training again, and cached
 CHECKPOINTS = 5
+#: K, the removed examples solved a second time, where GroundTruthConfig.n_second_solve is unset
+N_SECOND_SOLVE = {"smoke": 4, "cpu": 8, "paper": 8}
+SECOND_SOLVE_SETTINGS = SecondSolveSettings()
 
 
 def seeded_choice(n: int, k: int, seed: int) -> Tensor:
@@ -101,7 +112,8 @@ class GroundTruth:
 
     removed (R,) training indices; eval_idx (n_eval,) training indices whose outputs are stored;
     base_outputs (n_eval, C) = f(θˢ, x); responses[name] = {"scores": (Q, R), "outputs":
-    (R, n_eval, C), "certificate": dict}; key: the cache key it was stored under.
+    (R, n_eval, C), "certificate": dict}, and responses["pbrf-check"] the second solve of K of
+    them (compute_second_solve); key: the cache keys it was stored under.
     A response of ALL_RESPONSES not loaded yet is loaded or computed (and cached) on first use.
     """
 
@@ -118,7 +130,7 @@ class GroundTruth:
         return self.response(response)["scores"]
 
     def response(self, name: str) -> dict:
-        if name not in self.responses and self.compute is not None and name in ALL_RESPONSES:
+        if name not in self.responses and self.compute is not None and name in (*ALL_RESPONSES, SECOND_SOLVE):
             self.responses[name], key = self.compute(name)
             self.key = f"{self.key},{name}:{key}"
         if name not in self.responses:
@@ -138,7 +150,25 @@ def stacked_evaluations(problem: Problem, Delta: Tensor, eval_inputs: Tensor) ->
 
 
 #: GroundTruthConfig fields left out of the cache key while unset (keys from before they existed)
-_UNSET_IF_NONE = ("removed_chunk", "example_chunk")
+_UNSET_IF_NONE = ("removed_chunk", "example_chunk", "n_second_solve")
+
+
+def untrusted_rows(certificate: dict) -> np.ndarray:
+    """Removed examples with no local solution of their response function, (R,) bool: the solve
+    left the basin around θˢ, or ended with a larger gradient than it started from
+    (relative gradient norm > 1). They are left out of the correlations and counted."""
+    statuses = certificate.get("status")
+    rel = certificate.get("relative_gradient_norm")
+    if statuses is None or rel is None:
+        return np.zeros(0, dtype=bool)
+    return np.array([s == "left_basin" or r > 1.0 for s, r in zip(statuses, rel)], dtype=bool)
+
+
+def n_second_solve(task: Task, scale: str) -> int:
+    """K = min(R, n_second_solve) removed examples solved a second time (0: none)."""
+    cfg = task.ground_truth_config(scale)
+    k = N_SECOND_SOLVE.get(scale, 8) if cfg.n_second_solve is None else cfg.n_second_solve
+    return min(cfg.n_removed, k)
 
 
 def response_fingerprint(task: Task, scale: str, response: str, settings: SolverSettings) -> dict:
@@ -151,6 +181,10 @@ def response_fingerprint(task: Task, scale: str, response: str, settings: Solver
         "response": response,
         "version": GROUND_TRUTH_VERSION,
         **({"retraining": retraining.RETRAINING_VERSION} if response in retraining.RESPONSES else {}),
+        **({"second_solve": {"n": n_second_solve(task, scale), "settings": dataclasses.asdict(SECOND_SOLVE_SETTINGS),
+                             "version": second_solve.VERSION,
+                             "first": content_key(response_fingerprint(task, scale, "pbrf", settings))}}
+           if response == SECOND_SOLVE else {}),
     }
 
 
@@ -231,6 +265,28 @@ def compute_response(problem: Problem, name: str, removed: Tensor, eval_idx: Ten
     return {"scores": scores.cpu(), "outputs": outputs.cpu(), "certificate": certificate}
 
 
+def compute_second_solve(problem: Problem, removed: Tensor, eval_idx: Tensor, first: dict, k: int, seed: int,
+                         tol: float, settings: SecondSolveSettings = SECOND_SOLVE_SETTINGS) -> dict:
+    """The PBRF of K = min(R, k) seeded removed examples solved again (benchmark.second_solve) and
+    compared with the first solve `first` (the "pbrf" response: scores (Q, R), certificate).
+
+    Returns {"positions": (K,) indices into `removed`, "removed": (K,) training indices,
+    "scores": (Q, K), "outputs": (K, n_eval, C), "certificate": the second solve's,
+    "summary": second_solve.disagreement over the examples both solves trust}."""
+    start = time.perf_counter()
+    positions = seeded_choice(len(removed), k, seed)
+    subset = removed[positions.to(removed.device)]
+    Delta, certificate = second_pbrf(problem, subset, tol, settings)
+    scores, outputs = stacked_evaluations(problem, Delta, problem.train.inputs[eval_idx])
+    bad_first, bad_second = untrusted_rows(first["certificate"]), untrusted_rows(certificate)
+    trusted = ~bad_second & (~bad_first[positions.numpy()] if bad_first.size else True)
+    summary = disagreement(first["scores"][:, positions].numpy(), scores.cpu().numpy(), trusted, seed=problem.seed)
+    certificate["parameter_change_norm"] = torch.linalg.vector_norm(Delta, dim=-1).tolist()
+    certificate["seconds"] = time.perf_counter() - start
+    return {"positions": positions, "removed": subset.cpu(), "scores": scores.cpu(), "outputs": outputs.cpu(),
+            "certificate": certificate, "summary": summary}
+
+
 def load_ground_truth(task: Task, scale: str, problem: Problem, cache: Cache,
                       responses: tuple[str, ...] = RESPONSES) -> tuple[GroundTruth, bool]:
     """The ground truth of (task, scale), each response function loaded from the cache or
@@ -243,11 +299,16 @@ def load_ground_truth(task: Task, scale: str, problem: Problem, cache: Cache,
     curvature = _LazyCurvature(problem, settings)
     recipe, runs = task.recipe(scale), {}
 
+    def compute(name: str) -> dict:
+        if name == SECOND_SOLVE:
+            return compute_second_solve(problem, removed, eval_idx, load("pbrf")[0], n_second_solve(task, scale),
+                                        seed + 4, settings.pbrf_tol)
+        return compute_response(problem, name, removed, eval_idx, curvature, recipe, runs, cfg.removed_chunk)
+
     def load(name: str, siblings: bool = True) -> tuple[dict, str, bool]:
         fingerprint = response_fingerprint(task, scale, name, settings)
-        value, cached = cache.get_or_compute(
-            "ground_truth", f"{task.name}-{scale}-{name}", fingerprint,
-            lambda: compute_response(problem, name, removed, eval_idx, curvature, recipe, runs, cfg.removed_chunk))
+        value, cached = cache.get_or_compute("ground_truth", f"{task.name}-{scale}-{name}", fingerprint,
+                                             lambda: compute(name))
         if not cached and siblings and name in retraining.RESPONSES:  # store the other variant of the same run
             for other, (kind, _) in retraining.RESPONSES.items():
                 if kind == retraining.RESPONSES[name][0] and other != name:
@@ -257,6 +318,8 @@ def load_ground_truth(task: Task, scale: str, problem: Problem, cache: Cache,
     start = time.perf_counter()
     values, keys, all_cached = {}, {}, True
     for name in responses:
+        if name == SECOND_SOLVE and n_second_solve(task, scale) == 0:
+            continue
         values[name], keys[name], cached = load(name)
         all_cached &= cached
     truth = GroundTruth(

@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import cost, decomposition
+from .second_solve import error_bar_text, tie_margin
 
 REPO = Path(__file__).resolve().parent.parent
 SCALE_ORDER = ("smoke", "cpu", "paper")
@@ -35,9 +36,11 @@ CSV_COLUMNS = [
     "scale", "ground_truth", "task", "estimator", "status", "pearson", "pearson_ci_low", "pearson_ci_high",
     "spearman", "spearman_ci_low", "spearman_ci_high", "pearson_pooled", "spearman_pooled",
     "pearson_undefined", "output_distance_relative", "seconds", "seconds_fit", "seconds_scores", "peak_memory_mb",
-    "evaluations", "contended", "loadavg_max", "n_train", "n_params", "n_removed", "n_query", "gt_converged_fraction", "gt_median_relative_gradient_norm",
-    "gt_max_relative_gradient_norm", "gt_key", "commit", "torch", "device", "device_name", "threads", "seed",
-    "date", "estimator_params", "error", "file",
+    "evaluations", "contended", "loadavg_max", "n_train", "n_params", "n_removed", "n_query",
+    "gt_converged_fraction", "gt_median_relative_gradient_norm", "gt_max_relative_gradient_norm",
+    "gt_second_solve_median_relative_error", "gt_second_solve_max_relative_error", "gt_ceiling",
+    "gt_ceiling_ci_low", "gt_ceiling_ci_high", "tied_with_best", "gt_key", "commit", "torch", "device",
+    "device_name", "threads", "seed", "date", "estimator_params", "error", "file",
 ]
 
 
@@ -117,13 +120,32 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
-def _best(rows: list[dict]) -> set[int]:
-    """ids of the ok rows with the highest main number as shown (3 decimals; ties: all)."""
+def _error_bar(rows: list[dict]) -> dict | None:
+    """The ground truth's error bar (its second solve, runner.second_solve_summary) from the
+    first of `rows` that carries one."""
+    return next(((r.get("ground_truth_certificate") or {}).get("second_solve") for r in rows
+                 if (r.get("ground_truth_certificate") or {}).get("second_solve")), None)
+
+
+def _best(rows: list[dict]) -> tuple[set[int], set[int]]:
+    """(ids of the ok rows with the highest main number as shown (3 decimals; ties: all), ids of
+    the other ok rows tied with them: best − row ≤ 1 − ceiling_lo, the lower end of the 95 %
+    interval of the task's ceiling (second_solve.tie_margin; 0 without one)."""
     ok = [r for r in rows if r["status"] == "ok" and r.get("pearson") is not None]
     if not ok:
-        return set()
+        return set(), set()
     top = max(round(r["pearson"], 3) for r in ok)
-    return {id(r) for r in ok if round(r["pearson"], 3) >= top}
+    margin = tie_margin(_error_bar(rows))
+    best = {id(r) for r in ok if round(r["pearson"], 3) >= top}
+    return best, {id(r) for r in ok if id(r) not in best and top - round(r["pearson"], 3) <= margin + 1e-12}
+
+
+def _main(row: dict, best: tuple[set[int], set[int]]) -> str:
+    """The main number as shown: bold if best, '≈' and bold if tied with the best."""
+    text = f"{row['pearson']:.3f}"
+    if id(row) in best[0]:
+        return f"**{text}**"
+    return f"≈ **{text}**" if id(row) in best[1] else text
 
 
 #: how a row without a main number is shown
@@ -150,7 +172,7 @@ def _certificate_rows(rows: list[dict], tasks: list[str]) -> tuple[list[list], l
     for task in tasks:
         certs = [r.get("ground_truth_certificate") for r in rows if r["task"] == task and r.get("ground_truth_certificate")]
         if not certs:
-            table.append([task, "–", "–", "–", "–", "–", "(no row got as far as the ground truth)"])
+            table.append([task, "–", "–", "–", "–", "–", "–", "–", "(no row got as far as the ground truth)"])
             continue
         keys = sorted({str(c.get("key")) for c in certs})
         if len(keys) > 1:
@@ -160,13 +182,17 @@ def _certificate_rows(rows: list[dict], tasks: list[str]) -> tuple[list[list], l
         any_row = next(r for r in rows if r["task"] == task and r.get("ground_truth_certificate"))
         size = f"{any_row.get('n_removed', '?')} × {any_row.get('n_query', '?')}"
         counts = ", ".join(f"{k} {v}" for k, v in (c.get("status_counts") or {}).items())
+        second = c.get("second_solve")
+        check = ("–", "–") if not second else (
+            error_bar_text(second),
+            f"{second['n_trusted']}/{second['n']}: " + ", ".join(f"{k} {v}" for k, v in second["status_counts"].items()))
         if "converged_fraction" in c:
             table.append([task, size, _num(c.get("converged_fraction"), ".0%"),
                           _num(c.get("median_relative_gradient_norm"), ".1e"),
-                          _num(c.get("max_relative_gradient_norm"), ".1e"), counts or "–", f"`{keys[0]}`"])
+                          _num(c.get("max_relative_gradient_norm"), ".1e"), counts or "–", *check, f"`{keys[0]}`"])
         else:  # an exactly solved response (the linearized PBRF): its residual instead
             table.append([task, size, "exact", "–", _num(c.get("max_relative_residual"), ".1e") + " (residual)",
-                          c.get("method", "–"), f"`{keys[0]}`"])
+                          c.get("method", "–"), *check, f"`{keys[0]}`"])
     return table, warnings_
 
 
@@ -283,8 +309,9 @@ How the numbers are computed (DESIGN.md §1–2):
 - **Main number: the mean over queries of the Pearson correlation across removed examples**
   between S[q, ·] and Δ[q, ·], with a 95 % percentile bootstrap interval over removed examples
   (1000 resamples). Spearman is the same with ranks. **Bold**: the best main number of a task
-  (ties: all). A query whose scores or truth are constant has no correlation: it is left out
-  of the mean and counted; a row with no defined query is "undefined" and never bold.
+  (ties: all); **≈ bold**: a row tied with it, i.e. best − row ≤ 1 − ceiling_lo (below). A
+  query whose scores or truth are constant has no correlation: it is left out of the mean and
+  counted; a row with no defined query is "undefined" and never bold.
 - seconds: wall time of `fit` + scoring on the device listed under provenance (not comparable
   across machines), marked * where the row ran contended (the 1-minute load average exceeded the
   CPUs by more than 0.5 at its start or end; each result records its load and threads);
@@ -295,6 +322,15 @@ How the numbers are computed (DESIGN.md §1–2):
 - Ground-truth certificate, per task: the fraction of removed examples whose PBRF solve met
   ‖∇J‖ ≤ tol · ε‖∇ℓₘ(θˢ)‖, and the median and largest relative gradient norm ‖∇J‖ / (ε‖∇ℓₘ‖)
   at the returned points. A low converged fraction means the ground truth itself is uncertain.
+- Ground-truth error bar, per task (DESIGN.md §6): the PBRF of K seeded removed examples (K = 4 at
+  `smoke`, 8 otherwise) is solved a second, independent way (full-batch L-BFGS from the
+  linearized solution, one example at a time; `benchmark/second_solve.py`). Over the examples
+  both solves trust: the median and max over examples of ‖s₁ − s₂‖ / ‖s₁‖ (scores over the
+  queries), and the ceiling, the mean per-query Pearson between the two solves across those
+  examples with its 95 % bootstrap interval [ceiling_lo, ceiling_hi]: what a perfect estimator
+  could reach given the noise in the ground truth. A row is **tied** with the best row of its
+  task (marked ≈) when best − row ≤ 1 − ceiling_lo: no smaller difference can be told apart
+  from that noise. Without a ceiling (fewer than 3 trusted examples) only equal numbers tie.
 """
 
 
@@ -358,8 +394,7 @@ def build_page(rows: list[dict], out: Path, results_dir: Path, figures: bool = T
                 elif r["status"] != "ok":
                     cells.append(_STATUS.get(r["status"], "failed"))
                 else:
-                    text = f"{r['pearson']:.3f}"
-                    cells.append((f"**{text}**" if id(r) in best else text) + _ci(r, "pearson"))
+                    cells.append(_main(r, best) + _ci(r, "pearson"))
             glance.append(cells)
         lines += ["Mean per-query Pearson [95 % bootstrap interval]:", "",
                   _table(["task"] + [f"`{e}`" for e in ests], glance), ""]
@@ -375,8 +410,7 @@ def build_page(rows: list[dict], out: Path, results_dir: Path, figures: bool = T
                     detail.append([task, f"`{est}`", "–", "–", "–", _seconds(r), _num(r.get("evaluations"), ",d"),
                                    f"{_STATUS.get(r['status'], 'failed')}: {str(r.get('error'))[:120]}"])
                     continue
-                main = f"{r['pearson']:.3f}"
-                detail.append([task, f"`{est}`", (f"**{main}**" if id(r) in best else main) + _ci(r, "pearson"),
+                detail.append([task, f"`{est}`", _main(r, best) + _ci(r, "pearson"),
                                _num(r.get("spearman")) + _ci(r, "spearman"), _num(r.get("output_distance_relative")),
                                _seconds(r), _num(r.get("evaluations"), ",d"), _row_notes(r)])
         lines += ["Per row:", "",
@@ -385,7 +419,8 @@ def build_page(rows: list[dict], out: Path, results_dir: Path, figures: bool = T
         cert, cert_warnings = _certificate_rows(group, tasks)
         lines += [f"Ground truth (`{gt}`) per task:", "",
                   _table(["task", "R × Q", "converged", "median rel. ‖∇J‖", "max rel. ‖∇J‖", "stop reasons",
-                          "cache key"], cert), ""]
+                          "error bar (second solve)", "second solve: trusted / K, stop reasons", "cache key"],
+                         cert), ""]
         lines += [f"⚠ {w}" for w in cert_warnings] + ([""] if cert_warnings else [])
         if plt is not None:
             stem = f"{_slug(scale)}-{_slug(gt)}"
@@ -411,9 +446,17 @@ def _display(path: Path) -> str:
 
 
 def csv_rows(rows: list[dict]) -> list[dict]:
-    out = []
+    out, tied = [], {}
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["scale"], r.get("ground_truth", "pbrf"), r["task"])].append(r)
+    for group in groups.values():
+        best, ties = _best(group)
+        tied.update({i: "best" for i in best} | {i: "tied" for i in ties})
     for r in rows:
         cert = r.get("ground_truth_certificate") or {}
+        second = cert.get("second_solve") or {}
+        ceiling_ci = second.get("ceiling_ci") or [None, None]
         prov = r.get("provenance") or {}
         p_ci, s_ci = r.get("pearson_ci") or [None, None], r.get("spearman_ci") or [None, None]
         out.append({
@@ -429,6 +472,10 @@ def csv_rows(rows: list[dict]) -> list[dict]:
             "gt_converged_fraction": cert.get("converged_fraction"),
             "gt_median_relative_gradient_norm": cert.get("median_relative_gradient_norm"),
             "gt_max_relative_gradient_norm": cert.get("max_relative_gradient_norm"),
+            "gt_second_solve_median_relative_error": second.get("median_relative_error"),
+            "gt_second_solve_max_relative_error": second.get("max_relative_error"),
+            "gt_ceiling": second.get("ceiling"), "gt_ceiling_ci_low": ceiling_ci[0], "gt_ceiling_ci_high": ceiling_ci[1],
+            "tied_with_best": tied.get(id(r)),
             "gt_key": prov.get("ground_truth_key") or cert.get("key"),
             **{k: prov.get(k) for k in ("commit", "torch", "device", "device_name", "threads", "seed", "date")},
             "estimator_params": json.dumps(r.get("estimator_params") or {}, sort_keys=True),

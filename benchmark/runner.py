@@ -23,7 +23,7 @@ from tasks import check_scale, get_task
 
 from . import guard, torch_state
 from .cache import Cache, atomic_write_text
-from .ground_truth import GroundTruth, build_problem, load_ground_truth
+from .ground_truth import SECOND_SOLVE, GroundTruth, build_problem, load_ground_truth, untrusted_rows
 from .measure import machine_load, measure
 from .metrics import correlations, output_distance
 from .problem import Batch, Problem, TimeBudgetExceeded
@@ -122,17 +122,6 @@ def _as_scores(value, n_query: int, n_removed: int) -> torch.Tensor:
     return value.detach().to("cpu", torch.float64)
 
 
-def untrusted_rows(certificate: dict) -> np.ndarray:
-    """Removed examples with no local solution of their response function, (R,) bool: the solve
-    left the basin around θˢ, or ended with a larger gradient than it started from
-    (relative gradient norm > 1). They are left out of the correlations and counted."""
-    statuses = certificate.get("status")
-    rel = certificate.get("relative_gradient_norm")
-    if statuses is None or rel is None:
-        return np.zeros(0, dtype=bool)
-    return np.array([s == "left_basin" or r > 1.0 for s, r in zip(statuses, rel)], dtype=bool)
-
-
 def ground_truth_summary(gt: GroundTruth, response: str) -> dict:
     """How accurate the ground truth is, in a few numbers."""
     cert = gt.response(response)["certificate"]
@@ -150,7 +139,21 @@ def ground_truth_summary(gt: GroundTruth, response: str) -> dict:
         })
     if "max_relative_residual" in cert:
         out.update({"method": cert["method"], "max_relative_residual": cert["max_relative_residual"]})
+    if response == "pbrf" and SECOND_SOLVE in gt.responses:
+        out["second_solve"] = second_solve_summary(gt.responses[SECOND_SOLVE])
     return out
+
+
+def second_solve_summary(check: dict) -> dict:
+    """The ground truth's error bar from its second solve (ground_truth.compute_second_solve):
+    median / max relative score error, the ceiling Pearson [95 % interval], and how the second
+    solve ended."""
+    cert = check["certificate"]
+    statuses = cert["status"]
+    return {**check["summary"], "removed": [int(i) for i in check["removed"]], "method": cert["method"],
+            "converged_fraction": float(np.mean(cert["converged"])),
+            "max_relative_gradient_norm": float(np.max(cert["relative_gradient_norm"])),
+            "status_counts": {s: statuses.count(s) for s in sorted(set(statuses))}, "seconds": cert["seconds"]}
 
 
 class Session:

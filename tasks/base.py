@@ -73,7 +73,10 @@ class GroundTruthConfig:
     removed_chunk: solve the PBRF / linearized PBRF for this many removed examples at a time
     (None: all R at once); example_chunk: training examples per vmapped chunk of the problem's
     operators (None: the Problem default, 1024). Both bound memory only; they enter the cache
-    key only when set, so existing keys are unchanged.
+    key only when set, so existing keys are unchanged. n_second_solve: the PBRF of this many
+    removed examples is solved a second, independent way, the ground truth's error bar
+    (benchmark.second_solve; None: the harness default per scale, 4 at smoke and 8 otherwise;
+    0: none); also in the key only when set.
     """
 
     n_removed: int
@@ -85,6 +88,7 @@ class GroundTruthConfig:
     dense_max_params: int = 16384
     removed_chunk: int | None = None
     example_chunk: int | None = None
+    n_second_solve: int | None = None
 
 
 @dataclass(frozen=True)
