@@ -38,7 +38,8 @@ def _status(row: dict) -> str:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """One line per row: correlations with bootstrap intervals, output distance, cost."""
+    """One line per row: correlations with bootstrap intervals, output distance, cost, and the
+    ground truth's converged fraction and ceiling (the Pearson between its two solves)."""
     table = []
     for r in rows:
         gt = r.get("ground_truth_certificate") or {}
@@ -46,10 +47,10 @@ def summary_table(rows: list[dict]) -> str:
             r["task"], r["estimator"], _with_ci(r, "pearson"), _with_ci(r, "spearman"),
             _fmt(r.get("pearson_pooled")), _fmt(r.get("output_distance_relative")),
             _fmt(r.get("seconds"), ".2f"), _fmt(r.get("evaluations"), ",d"),
-            _fmt(gt.get("converged_fraction"), ".0%"),
+            _fmt(gt.get("converged_fraction"), ".0%"), _fmt((gt.get("second_solve") or {}).get("ceiling")),
             _status(r),
             _guard(r.get("guard")),
         ])
     headers = ["task", "estimator", "pearson [95% CI]", "spearman [95% CI]", "pooled P", "out dist (rel)",
-               "seconds", "evaluations", "GT conv.", "status", "guard"]
+               "seconds", "evaluations", "GT conv.", "GT ceiling", "status", "guard"]
     return tabulate(table, headers=headers, tablefmt="github")
