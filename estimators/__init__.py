@@ -26,6 +26,7 @@ from .grad_dot import GradDot
 from .kfac import KFAC
 from .lissa import LiSSA
 from .tracin import TracIn
+from .adapters import PEER_REGISTRY
 
 REGISTRY: dict[str, Callable[[], Estimator]] = {
     "exact": Exact,
@@ -182,10 +183,13 @@ def make_estimator(spec: str, **params) -> Estimator:
         factory = _load_class(base)
     elif base in REGISTRY:
         factory = REGISTRY[base]
+    elif base in PEER_REGISTRY:  # adapters to peer libraries (estimators/adapters; the "peers" extra)
+        factory = PEER_REGISTRY[base]
     else:
         from tasks import did_you_mean
-        raise UnknownEstimator(f"unknown estimator {base!r}.{did_you_mean(base, REGISTRY)} Registered: "
-                               f"{', '.join(REGISTRY)}; or give package.module:Class or path/to/file.py:Class")
+        known = {**REGISTRY, **PEER_REGISTRY}
+        raise UnknownEstimator(f"unknown estimator {base!r}.{did_you_mean(base, known)} Registered: "
+                               f"{', '.join(known)}; or give package.module:Class or path/to/file.py:Class")
     _check_arguments(factory, params, spec)
     estimator = factory(**params)
     if not all(callable(getattr(estimator, m, None)) for m in ("fit", "scores")):
@@ -194,6 +198,6 @@ def make_estimator(spec: str, **params) -> Estimator:
     return estimator
 
 
-__all__ = ["REGISTRY", "DEFAULT_ESTIMATORS", "Estimator", "ParameterEstimator", "NotFittedError",
+__all__ = ["REGISTRY", "PEER_REGISTRY", "DEFAULT_ESTIMATORS", "Estimator", "ParameterEstimator", "NotFittedError",
            "UnknownEstimator", "EstimatorSpecError", "make_estimator", "parse_spec", "parse_param", "format_spec",
            "canonical_spec", "CG", "Exact", "GradDot", "KFAC", "LiSSA", "TracIn"]
