@@ -20,16 +20,23 @@ from pathlib import Path
 from typing import Callable
 
 from .base import Estimator, NotFittedError, ParameterEstimator
+from .arnoldi import Arnoldi
 from .cg import CG
+from .datainf import DataInf
 from .exact import Exact
-from .grad_dot import GradDot
+from .grad_dot import GradCos, GradDot
 from .lissa import LiSSA
+from .trak import TRAK
 
 REGISTRY: dict[str, Callable[[], Estimator]] = {
     "exact": Exact,
     "cg": CG,
     "lissa": LiSSA,
     "grad-dot": GradDot,
+    "arnoldi": Arnoldi,
+    "trak": TRAK,
+    "grad-cos": GradCos,
+    "datainf": DataInf,
     "exact-damp1e-2": partial(Exact, damping=1e-2),
     "cg-damp1e-2": partial(CG, damping=1e-2),
     "lissa-damp1e-2": partial(LiSSA, damping=1e-2),
@@ -191,4 +198,4 @@ def make_estimator(spec: str, **params) -> Estimator:
 
 __all__ = ["REGISTRY", "DEFAULT_ESTIMATORS", "Estimator", "ParameterEstimator", "NotFittedError",
            "UnknownEstimator", "EstimatorSpecError", "make_estimator", "parse_spec", "parse_param", "format_spec",
-           "canonical_spec", "CG", "Exact", "GradDot", "LiSSA"]
+           "canonical_spec", "Arnoldi", "CG", "DataInf", "Exact", "GradCos", "GradDot", "LiSSA", "TRAK"]
