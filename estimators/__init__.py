@@ -41,7 +41,7 @@ REGISTRY: dict[str, Callable[[], Estimator]] = {
     "cg-damp1e-2": partial(CG, damping=1e-2),
     "lissa-damp1e-2": partial(LiSSA, damping=1e-2),
     # LiSSA truncated at depth J damps by about s/J extra; a deeper recursion shows the cost of
-    # removing that bias (the default depth 1000 leaves it)
+    # removing that bias (the default depth ⌈s/μ⌉ leaves up to μ of it)
     "lissa-depth5000": partial(LiSSA, depth=5000),
 }
 

@@ -1,4 +1,4 @@
-"""Exactness of the estimators arnoldi, trak, grad-cos and datainf.
+"""Exactness of the estimators arnoldi, trak, grad-cos and datainf, and LiSSA's depth rule.
 
 Each estimator is compared in the case where it is exact with a dense float64 reference built
 here from the problem's own gradients and Gauss-Newton matrix, with μ = wd + λ written out, so
@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.problem import Problem
-from estimators import REGISTRY, TRAK, Arnoldi, DataInf, Exact, GradCos
+from estimators import REGISTRY, TRAK, Arnoldi, DataInf, Exact, GradCos, LiSSA, make_estimator
 from estimators.checks import mlp_problem, removed_examples
 from estimators.datainf import layer_blocks
+from estimators.lissa import lissa_depth
 
 
 def rel_err(a, b) -> float:
@@ -187,3 +188,19 @@ def test_datainf_is_the_mean_of_rank_one_inverses(problem, idx):
     q = mlp_problem()
     q.chunk_size = 5
     assert rel_err(DataInf().fit(q).parameter_change(idx), expected) < 1e-10
+
+
+# ---------------------------------------------------------------- lissa depth rule
+
+def test_lissa_depth_rule(problem):
+    """depth=None: J = ⌈s/μ⌉ clipped to [100, 5000]; an explicit depth overrides it."""
+    assert lissa_depth(17.95, 0.006) == 2992  # mlp-mnist at cpu scale
+    assert lissa_depth(1.0, 1.0) == LiSSA.MIN_DEPTH == 100
+    assert lissa_depth(1e6, 1.0) == LiSSA.MAX_DEPTH == 5000
+    est = LiSSA().fit(problem)
+    assert est.depth is None and est.mu_ == mu(problem)
+    assert LiSSA.MIN_DEPTH < est.scale_ / est.mu_ < LiSSA.MAX_DEPTH  # the rule, not the clip, decides here
+    assert est.depth_ == int(torch.tensor(est.scale_ / est.mu_).ceil())
+    explicit = LiSSA(depth=37).fit(problem)
+    assert explicit.depth_ == 37 and explicit.get_params()["depth"] == 37
+    assert make_estimator("lissa-depth5000").fit(problem).depth_ == 5000
