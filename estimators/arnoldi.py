@@ -18,6 +18,10 @@ Defaults and their sources:
   `eigsh` (ncv), enough for the top `rank` Ritz values of a well-separated spectrum to converge.
 - damping None → the problem's λ (every estimator's convention, estimators/base.py).
 - seed 0, added to problem.seed for the start vector.
+Measured on the mlp-mnist `cpu` problem (d = 13,002, μ = 0.006; mean per-query Pearson with `exact`
+over the ground truth's 40 removed examples): rank 50 (the default): 0.32, rank 200: 0.57, rank 1000
+(Krylov size 2001): 0.995: with a small μ the inverse is dominated by the directions the top-k
+space leaves out, so the default rank is the method's, not one that suits every problem.
 Cost: m Gauss–Newton products (one vector each, sequential) plus O(d m²) for the
 reorthogonalisation; memory d·m. The exact path costs d products (batched) and an eigh of (d, d).
 """

@@ -20,6 +20,9 @@ Like `trak` this is empirical-Fisher curvature, not the Gauss–Newton G (they d
 loss has the GN = Fisher property), hence `uses_curvature = False`: the conformance checks ask it
 to rank like the Gauss–Newton influence, not to equal it.
 
+Measured on the mlp-mnist `cpu` problem (μ = 0.006, mean per-query Pearson with `exact`, 40
+removed examples): 0.25 per layer and 0.25 with one block, no better than grad-dot's 0.24: swapping
+the mean and the inverse loses most of the curvature on this problem.
 Defaults and their sources:
 - per_layer True: the paper's per-layer (LoRA-module) blocks.
 - damping None → the problem's λ (estimators/base.py), so μ = wd + λ for every block; the paper

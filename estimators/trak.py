@@ -14,6 +14,8 @@ trained model's labels are not. So `uses_curvature = False`: the conformance che
 scores to rank like the Gauss–Newton influence, not to equal it (on their least-squares problem
 F ≈ σ²G with σ² the residual variance). For a square orthogonal P (k = d) the scores are exactly
 ε ∇ℓ_qᵀ (F + μI)⁻¹ ∇ℓₘ (tests/test_new_estimators.py).
+Measured on the mlp-mnist `cpu` problem (mean per-query Pearson with `exact`, 40 removed examples):
+0.64 at k = 2048 and 0.65 at k = 8192: the gap is the empirical Fisher's, not the projection's.
 Left out of the paper's estimator: the ensemble over independently trained models, the
 reweighting by 1 − pᵢ of the output probability, and the sparsification of the scores.
 
