@@ -13,7 +13,8 @@ one after another on the CPU; see benchmark.perf) after the setup, so
     projected seconds ≈ setup + R × (one PBRF solve)
 
 is what one removed example at a time would cost. The default LiSSA's cost is projected from
-the measured Gauss–Newton product: depth × min(batch, N) / N × R products over N. Each task's
+the measured Gauss–Newton product: depth × min(batch, N) / N × R products over N, with the depth
+its rule picks for the problem (`lissa_depth`). Each task's
 numbers go to
 <results-dir>/<scale>/cost/<task>.json; `python -m benchmark.leaderboard` lists them for the
 tasks that have no leaderboard rows at that scale.
@@ -86,8 +87,9 @@ def measure_task(task_name: str, scale: str, data_root: Path | None, cache_dir: 
     finally:
         problem.counter.deadline = None
     out["seconds_spent"] = time.perf_counter() - started
-    lissa = make_estimator("lissa").get_params()
-    out["lissa_projected_seconds"] = (lissa["depth"] * min(lissa["batch_size"], problem.n_train) / problem.n_train
+    lissa = make_estimator("lissa").fit(problem)  # its default depth depends on the problem (20 products)
+    out["lissa_depth"] = lissa.depth_
+    out["lissa_projected_seconds"] = (lissa.depth_ * min(lissa.batch_size, problem.n_train) / problem.n_train
                                       * cfg.n_removed * out["gnvp_seconds"])
     if out["setup_seconds"] is not None and out["pbrf_seconds"] is not None:
         out["projected_ground_truth_seconds"] = out["setup_seconds"] + cfg.n_removed * out["pbrf_seconds"]

@@ -20,12 +20,15 @@ from pathlib import Path
 from typing import Callable
 
 from .base import Estimator, NotFittedError, ParameterEstimator
+from .arnoldi import Arnoldi
 from .cg import CG
+from .datainf import DataInf
 from .exact import Exact
-from .grad_dot import GradDot
+from .grad_dot import GradCos, GradDot
 from .kfac import KFAC
 from .lissa import LiSSA
 from .tracin import TracIn
+from .trak import TRAK
 from .adapters import PEER_REGISTRY
 
 REGISTRY: dict[str, Callable[[], Estimator]] = {
@@ -33,11 +36,15 @@ REGISTRY: dict[str, Callable[[], Estimator]] = {
     "cg": CG,
     "lissa": LiSSA,
     "grad-dot": GradDot,
+    "arnoldi": Arnoldi,
+    "trak": TRAK,
+    "grad-cos": GradCos,
+    "datainf": DataInf,
     "exact-damp1e-2": partial(Exact, damping=1e-2),
     "cg-damp1e-2": partial(CG, damping=1e-2),
     "lissa-damp1e-2": partial(LiSSA, damping=1e-2),
     # LiSSA truncated at depth J damps by about s/J extra; a deeper recursion shows the cost of
-    # removing that bias (the default depth 1000 leaves it)
+    # removing that bias (the default depth ⌈s/μ⌉ leaves up to μ of it)
     "lissa-depth5000": partial(LiSSA, depth=5000),
     "kfac": KFAC,
     "ekfac": partial(KFAC, eigenvalue_correction=True),
@@ -200,4 +207,5 @@ def make_estimator(spec: str, **params) -> Estimator:
 
 __all__ = ["REGISTRY", "PEER_REGISTRY", "DEFAULT_ESTIMATORS", "Estimator", "ParameterEstimator", "NotFittedError",
            "UnknownEstimator", "EstimatorSpecError", "make_estimator", "parse_spec", "parse_param", "format_spec",
-           "canonical_spec", "CG", "Exact", "GradDot", "KFAC", "LiSSA", "TracIn"]
+           "canonical_spec", "Arnoldi", "CG", "DataInf", "Exact", "GradCos", "GradDot", "KFAC", "LiSSA", "TRAK",
+           "TracIn"]
