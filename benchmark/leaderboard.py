@@ -6,7 +6,8 @@ Reads <results-dir>/<scale>/*.json (one per row, written by the benchmark) and w
                            tasks × estimators, ground-truth certificates, provenance
     <out>/results.csv      every row of every scale, flat
     <out>/figures/*.png    per task a scatter of predicted against true scores, and per scale a
-                           bar chart of the main number (skipped, with a note, without matplotlib)
+                           bar chart of the main number and the accuracy against cost per task
+                           (skipped, with a note, without matplotlib)
     and, per scale, the measured ground-truth cost of the tasks without rows there
                            (<results-dir>/<scale>/cost/*.json, benchmark/cost.py)
     <out>/DECOMPOSITION.md the five-gap decomposition and Table 2, from
@@ -261,6 +262,46 @@ def scatter_figure(plt, task: str, rows: list[dict], path: Path) -> bool:
     return True
 
 
+def cost_figure(plt, rows: list[dict], tasks: list[str], estimators: list[str], title: str, path: Path) -> bool:
+    """Accuracy against cost (Grosse et al. 2023, Fig. 7 style): per task a panel of the mean
+    per-query Pearson (with its 95 % interval) against wall seconds of fit + scores, log scale,
+    one point per estimator; contended rows (their seconds marked * on the page) hollow."""
+    by = {(r["task"], r["estimator"]): r for r in rows
+          if r["status"] == "ok" and r.get("pearson") is not None and (r.get("seconds") or 0) > 0}
+    tasks = [t for t in tasks if any((t, e) in by for e in estimators)]
+    if not tasks:
+        return False
+    cols = min(len(tasks), 3)
+    nrows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows + 0.6), squeeze=False)
+    for ax, task in zip(axes.ravel(), tasks):
+        for i, est in enumerate(estimators):
+            r = by.get((task, est))
+            if r is None:
+                continue
+            ci = r.get("pearson_ci") or [r["pearson"], r["pearson"]]
+            colour = plt.cm.tab20(i % 20)
+            contended = bool((r.get("load") or {}).get("contended"))
+            ax.errorbar([r["seconds"]], [r["pearson"]], yerr=[[max(r["pearson"] - ci[0], 0)], [max(ci[1] - r["pearson"], 0)]],
+                        fmt="o", color=colour, mfc="none" if contended else colour, capsize=2, ms=5,
+                        label=est if task == tasks[0] else None)
+        ax.set_xscale("log")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("seconds (fit + scores)", fontsize=8)
+        ax.set_ylabel("mean per-query Pearson", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(tasks):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.legend(loc="lower center", ncol=min(len(estimators), 6), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * math.ceil(len(estimators) / 6), 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def bar_figure(plt, rows: list[dict], tasks: list[str], estimators: list[str], title: str, path: Path) -> bool:
     """Mean per-query Pearson per estimator, grouped by task, with 95 % bootstrap intervals."""
     by = {(r["task"], r["estimator"]): r for r in rows if r["status"] == "ok" and r.get("pearson") is not None}
@@ -428,6 +469,9 @@ def build_page(rows: list[dict], out: Path, results_dir: Path, figures: bool = T
             bar = out / "figures" / f"{stem}-pearson.png"
             if bar_figure(plt, group, tasks, ests, f"{scale} scale, against {gt}: mean per-query Pearson", bar):
                 lines += [f"![mean per-query Pearson, {scale} scale](figures/{bar.name})", ""]
+            accuracy_cost = out / "figures" / f"{stem}-accuracy-cost.png"
+            if cost_figure(plt, group, tasks, ests, f"{scale} scale, against {gt}: accuracy against cost", accuracy_cost):
+                lines += [f"![accuracy against cost, {scale} scale](figures/{accuracy_cost.name})", ""]
             for task in tasks:
                 fig = out / "figures" / f"{stem}-{_slug(task)}-scatter.png"
                 if scatter_figure(plt, task, [by[(task, e)] for e in ests if (task, e) in by], fig):

@@ -81,7 +81,7 @@ def test_figures(results, tmp_path):
     leaderboard.write(results, out)
     text = (out / "LEADERBOARD.md").read_text()
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert "smoke-pbrf-pearson.png" in figures and "smoke-pbrf-lr-cancer-scatter.png" in figures
+    assert {"smoke-pbrf-pearson.png", "smoke-pbrf-lr-cancer-scatter.png", "smoke-pbrf-accuracy-cost.png"} <= set(figures)
     for name in figures:
         assert f"figures/{name}" in text
 
