@@ -86,8 +86,13 @@ class CholeskySolver:
             raise torch.linalg.LinAlgError(f"matrix is not positive definite (leading minor {int(info)})")
 
     def solve(self, B: Tensor) -> Tensor:
-        """A⁻¹ bᵣ for every row of B (k, d) -> (k, d)."""
-        return torch.cholesky_solve(B.T, self.L).T
+        """A⁻¹ bᵣ for every row of B (k, d) -> (k, d): L Y = Bᵀ, then Lᵀ X = Y.
+
+        Two triangular solves rather than torch.cholesky_solve: the same arithmetic, but MKL's
+        potrs with few right-hand sides runs about 6× slower than its trsm (measured at d = 6000,
+        k = 4, one thread: 0.42 s vs 0.073 s), and this solve is the PBRF's preconditioner."""
+        Y = torch.linalg.solve_triangular(self.L, B.T, upper=False)
+        return torch.linalg.solve_triangular(self.L.T, Y, upper=True).T
 
     def matvec(self, X: Tensor) -> Tensor:
         return X @ self.A
