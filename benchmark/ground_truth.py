@@ -117,6 +117,8 @@ def stacked_evaluations(problem: Problem, Delta: Tensor, eval_inputs: Tensor) ->
 
 #: GroundTruthConfig fields left out of the cache key while unset (keys from before they existed)
 _UNSET_IF_NONE = ("removed_chunk", "example_chunk")
+#: SolverSettings fields left out of the cache key while unset (likewise)
+_SOLVER_UNSET_IF_NONE = ("preconditioner_dtype",)
 
 
 def response_fingerprint(task: Task, scale: str, response: str, settings: SolverSettings) -> dict:
@@ -125,7 +127,8 @@ def response_fingerprint(task: Task, scale: str, response: str, settings: Solver
         "model": task.fingerprint(scale),
         "ground_truth": {k: v for k, v in dataclasses.asdict(task.ground_truth_config(scale)).items()
                          if not (k in _UNSET_IF_NONE and v is None)},
-        "solver": dataclasses.asdict(settings),
+        "solver": {k: v for k, v in dataclasses.asdict(settings).items()
+                   if not (k in _SOLVER_UNSET_IF_NONE and v is None)},
         "response": response,
         "version": GROUND_TRUTH_VERSION,
         **({"retraining": retraining.RETRAINING_VERSION} if response in retraining.RESPONSES else {}),
