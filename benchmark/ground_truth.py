@@ -9,6 +9,7 @@ Ground truth, for R removed training examples and Q queries, per response functi
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from .cache import Cache, content_key
 from .problem import Batch, FunctionalModel, Problem
 from .responses import DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf
 from .training import train
+
+log = logging.getLogger("ifbench")
 
 # Bump when the ground-truth computation changes in a way that changes its numbers.
 GROUND_TRUTH_VERSION = 1
@@ -189,7 +192,11 @@ def compute_response(problem: Problem, name: str, removed: Tensor, eval_idx: Ten
     if name in ("linear", "pbrf"):
         solve = {"linear": linearized_pbrf, "pbrf": pbrf}[name]
         size = chunk or len(removed)
-        parts = [solve(problem, removed[s:s + size], curvature()) for s in range(0, len(removed), size)]
+        parts = []
+        for s in range(0, len(removed), size):
+            parts.append(solve(problem, removed[s:s + size], curvature()))
+            log.info("%s %s ground truth: %d/%d removed examples done, %.1f s", problem.task, name,
+                     min(s + size, len(removed)), len(removed), time.perf_counter() - start)
         Delta, certificate = torch.cat([p[0] for p in parts]), merge_certificates([p[1] for p in parts])
         evaluated = [stacked_evaluations(problem, Delta[s:s + size], problem.train.inputs[eval_idx])
                      for s in range(0, len(removed), size)]
@@ -200,6 +207,7 @@ def compute_response(problem: Problem, name: str, removed: Tensor, eval_idx: Ten
         kind, controlled = retraining.RESPONSES[name]
         runs = {} if runs is None else runs
         if kind not in runs:
+            log.info("%s %s ground truth: retraining %d removed examples (%s)", problem.task, name, len(removed), kind)
             runs[kind] = retraining.retrain(problem, removed, recipe, kind, tol=curvature.settings.pbrf_tol)
         run = runs[kind]
         Delta = run.parameter_change(problem, controlled)
@@ -209,6 +217,7 @@ def compute_response(problem: Problem, name: str, removed: Tensor, eval_idx: Ten
         raise KeyError(f"unknown response function {name!r}; known: {', '.join(ALL_RESPONSES)}")
     certificate["parameter_change_norm"] = torch.linalg.vector_norm(Delta, dim=-1).tolist()
     certificate["seconds"] = time.perf_counter() - start
+    log.info("%s %s ground truth: done, %.1f s", problem.task, name, certificate["seconds"])
     return {"scores": scores.cpu(), "outputs": outputs.cpu(), "certificate": certificate}
 
 

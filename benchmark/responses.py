@@ -231,8 +231,9 @@ def pbrf(problem: Problem, removed: Tensor, curvature: DampedGaussNewton) -> tup
         J, g = torch.where(accept, J_trial, J), torch.where(accept[:, None], g_trial, g)
         rel = torch.where(accept, rel_trial, rel)
         steps += accept.long()
-        log.info("pbrf step %d: %d/%d rows active, max relative gradient norm %.2e, %d CG iterations",
-                 int(steps.max()), int(active.sum()), len(removed), float(rel.max()), info.iterations)
+        log.info("%s pbrf step %d: %d/%d rows active, max relative gradient norm %.2e, %d CG iterations, %.1f s",
+                 problem.task, int(steps.max()), int(active.sum()), len(removed), float(rel.max()),
+                 info.iterations, time.perf_counter() - start)
         far = torch.linalg.vector_norm(Delta, dim=-1) > settings.basin_factor * first_step
         history.append(rel.clone())
         slow = (rel > 0.5 * history[-1 - settings.stall_window]) if len(history) > settings.stall_window \
