@@ -1,6 +1,7 @@
 """Speed benchmark of the ground-truth engine: the problem's operators and the PBRF solve.
 
     python -m benchmark.perf --task mlp-mnist --scale cpu --removed 8 [--threads 1] [--operators-only]
+                             [--preconditioner-dtype float32]
 
 Operators (over the N training examples, best of --repeats): forward, per-example gradients,
 one Gauss–Newton–vector product and the dense Gauss–Newton matrix, each also as a ratio to
@@ -16,6 +17,7 @@ example and vector. Numbers are machine-dependent; the ratios are what to compar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -88,18 +90,19 @@ def operators(problem: Problem, repeats: int, device: str) -> dict:
 
 
 def run(task_name: str, scale: str, n_removed: int, data_root: Path, cache_dir: Path | None, device: str,
-        repeats: int = 3, operators_only: bool = False) -> dict:
+        repeats: int = 3, operators_only: bool = False, preconditioner_dtype: str | None = None) -> dict:
     task = get_task(task_name)
     problem = build_problem(task, scale, data_root, Cache(cache_dir), device)
     result = {"task": task_name, "scale": scale, "n_params": problem.n_params, "n_train": problem.n_train,
               "device": device, "threads": torch.get_num_threads(),
               "matmul_gflops": matmul_gflops(problem.dtype, device)}
     result["operators"] = operators(problem, repeats, device)
-    settings = solver_settings(task, scale)
+    settings = dataclasses.replace(solver_settings(task, scale), preconditioner_dtype=preconditioner_dtype)
     start = time.perf_counter()
     curvature = DampedGaussNewton(problem, problem.weight_decay + problem.damping, settings)
     result["curvature_setup_seconds"] = time.perf_counter() - start
     result["curvature_method"] = curvature.method
+    result["preconditioner_dtype"] = preconditioner_dtype
     if operators_only:
         return result
     removed = seeded_choice(problem.n_train, n_removed, seed=task.recipe(scale).seed + 2).to(problem.device)
@@ -139,6 +142,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="operator timings: best of this many calls")
     parser.add_argument("--operators-only", action="store_true", help="skip the (slow) PBRF solves")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--preconditioner-dtype", default=None, choices=["float32"],
+                        help="SolverSettings.preconditioner_dtype of the PBRF solve (default: the problem's dtype)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--cache-dir", type=Path, default=None)
@@ -146,7 +151,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.task, args.scale, args.removed, args.data_root or default_data_root(), args.cache_dir,
-                 args.device, repeats=args.repeats, operators_only=args.operators_only)
+                 args.device, repeats=args.repeats, operators_only=args.operators_only,
+                 preconditioner_dtype=args.preconditioner_dtype)
     print(json.dumps(result, indent=2))
 
 
