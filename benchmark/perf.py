@@ -37,14 +37,10 @@ FLOPS_PER_EVALUATION = {"forward": 2, "gradient": 6, "gnvp": 10, "hvp": 14}  # Ã
 
 
 def matmul_gflops(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5) -> float:
+    """The best throughput of `repeats` nÃ—n products (on a shared machine the mean would
+    understate the floor and so overstate every fraction of it)."""
     a = torch.randn(n, n, dtype=dtype, device=device)
-    a @ a
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ a
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
+    return 2 * n ** 3 / best_seconds(lambda: a @ a, repeats, device) / 1e9
 
 
 def model_flops(counts: dict, d: int) -> float:
