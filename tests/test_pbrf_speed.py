@@ -73,3 +73,26 @@ def test_cg_recursive_residual_same_iterates():
     assert torch.equal(X1, X2) and i1.iterations == i2.iterations
     torch.testing.assert_close(i2.relative_residual, relative_residual(lambda X: X @ A, X2, B), rtol=1e-6, atol=1e-12)
     assert float(i2.relative_residual.max()) <= 1e-6
+
+
+def test_batched_rows_solve_alone_and_stop_costing_when_done(mlp):
+    """The batched solve computes only the active rows: each row agrees with its solve alone
+    within the certificates' bound, and a row that converges early stops adding evaluations
+    (the batch costs less than its longest row's steps times R)."""
+    problem = mlp((5, 6, 4), "tanh", n_train=60, weight_decay=5e-2, train_steps=30)
+    mu = problem.weight_decay + problem.damping
+    curvature = DampedGaussNewton(problem, mu, SolverSettings(pbrf_tol=1e-10))
+    problem.counter.reset()
+    batched, cert = pbrf(problem, REMOVED, curvature)
+    batched_gradients = problem.counter.counts["gradient"]
+    assert all(cert["converged"]) and len(set(cert["steps"])) > 1, cert["steps"]
+    scale = problem.epsilon * problem.train_gradients(REMOVED).norm(dim=1)
+    for r in range(len(REMOVED)):
+        problem.counter.reset()
+        alone, alone_cert = pbrf(problem, REMOVED[r:r + 1], curvature)
+        assert alone_cert["converged"] == [True]
+        bound = (cert["relative_gradient_norm"][r] + alone_cert["relative_gradient_norm"][0]) * scale[r] / mu
+        assert float((batched[r] - alone[0]).norm()) <= float(bound)
+    # every step evaluates J at least twice per active row (CG start, line search): with all
+    # rows kept to the end it would be at least (N + 1) · R · (max steps + 1)
+    assert batched_gradients < (problem.n_train + 1) * len(REMOVED) * (max(cert["steps"]) + 1)
