@@ -135,6 +135,9 @@ def pytest_configure(config):
             guard.load(baseline)
         except ValueError as exc:
             raise pytest.UsageError(f"--baseline: {exc}") from None
+    if config.getoption("--log-cli-level", None) is None and not config.getini("log_cli"):
+        # live progress of the ground truth and retraining ("ifbench" logger, one line per step)
+        config.option.log_cli_level = "INFO"
     threads = default_threads(config)
     if threads is not None:
         torch.set_num_threads(threads)

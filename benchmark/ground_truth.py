@@ -12,6 +12,7 @@ disagreement with the first solve (relative error per example, the ceiling Pears
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from .problem import Batch, FunctionalModel, Problem
 from .responses import DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf
 from .second_solve import SecondSolveSettings, disagreement, second_pbrf
 from .training import Checkpoint, train, training_checkpoints
+
+log = logging.getLogger("ifbench")
 
 # Bump when the ground-truth computation changes in a way that changes its numbers.
 GROUND_TRUTH_VERSION = 1
@@ -151,6 +154,8 @@ def stacked_evaluations(problem: Problem, Delta: Tensor, eval_inputs: Tensor) ->
 
 #: GroundTruthConfig fields left out of the cache key while unset (keys from before they existed)
 _UNSET_IF_NONE = ("removed_chunk", "example_chunk", "n_second_solve")
+#: SolverSettings fields left out of the cache key while unset (likewise)
+_SOLVER_UNSET_IF_NONE = ("preconditioner_dtype",)
 
 
 def untrusted_rows(certificate: dict) -> np.ndarray:
@@ -177,7 +182,8 @@ def response_fingerprint(task: Task, scale: str, response: str, settings: Solver
         "model": task.fingerprint(scale),
         "ground_truth": {k: v for k, v in dataclasses.asdict(task.ground_truth_config(scale)).items()
                          if not (k in _UNSET_IF_NONE and v is None)},
-        "solver": dataclasses.asdict(settings),
+        "solver": {k: v for k, v in dataclasses.asdict(settings).items()
+                   if not (k in _SOLVER_UNSET_IF_NONE and v is None)},
         "response": response,
         "version": GROUND_TRUTH_VERSION,
         **({"retraining": retraining.RETRAINING_VERSION} if response in retraining.RESPONSES else {}),
@@ -242,7 +248,11 @@ def compute_response(problem: Problem, name: str, removed: Tensor, eval_idx: Ten
     if name in ("linear", "pbrf"):
         solve = {"linear": linearized_pbrf, "pbrf": pbrf}[name]
         size = chunk or len(removed)
-        parts = [solve(problem, removed[s:s + size], curvature()) for s in range(0, len(removed), size)]
+        parts = []
+        for s in range(0, len(removed), size):
+            parts.append(solve(problem, removed[s:s + size], curvature()))
+            log.info("%s %s ground truth: %d/%d removed examples done, %.1f s", problem.task, name,
+                     min(s + size, len(removed)), len(removed), time.perf_counter() - start)
         Delta, certificate = torch.cat([p[0] for p in parts]), merge_certificates([p[1] for p in parts])
         evaluated = [stacked_evaluations(problem, Delta[s:s + size], problem.train.inputs[eval_idx])
                      for s in range(0, len(removed), size)]
@@ -253,6 +263,7 @@ def compute_response(problem: Problem, name: str, removed: Tensor, eval_idx: Ten
         kind, controlled = retraining.RESPONSES[name]
         runs = {} if runs is None else runs
         if kind not in runs:
+            log.info("%s %s ground truth: retraining %d removed examples (%s)", problem.task, name, len(removed), kind)
             runs[kind] = retraining.retrain(problem, removed, recipe, kind, tol=curvature.settings.pbrf_tol)
         run = runs[kind]
         Delta = run.parameter_change(problem, controlled)
@@ -262,6 +273,7 @@ def compute_response(problem: Problem, name: str, removed: Tensor, eval_idx: Ten
         raise KeyError(f"unknown response function {name!r}; known: {', '.join(ALL_RESPONSES)}")
     certificate["parameter_change_norm"] = torch.linalg.vector_norm(Delta, dim=-1).tolist()
     certificate["seconds"] = time.perf_counter() - start
+    log.info("%s %s ground truth: done, %.1f s", problem.task, name, certificate["seconds"])
     return {"scores": scores.cpu(), "outputs": outputs.cpu(), "certificate": certificate}
 
 

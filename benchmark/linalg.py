@@ -43,12 +43,13 @@ def relative_residual(matvec: MatVec, X: Tensor, B: Tensor) -> Tensor:
 
 
 def batched_cg(matvec: MatVec, B: Tensor, *, rtol: float, maxiter: int, X0: Tensor | None = None,
-               precondition: MatVec | None = None) -> tuple[Tensor, SolveInfo]:
+               precondition: MatVec | None = None, true_residual: bool = True) -> tuple[Tensor, SolveInfo]:
     """Solve A X = B row by row with (preconditioned) conjugate gradients, all rows batched.
 
     A: symmetric positive definite, given as matvec on (k, d); precondition: M⁻¹ applied to
     (k, d), M SPD (default identity). Rows that reach ‖r‖ ≤ rtol ‖b‖ stop moving.
-    Returns X (k, d) and the true residual of every row.
+    Returns X (k, d) and the true residual of every row (true_residual=False: the recursively
+    updated residual instead, saving one product, for inexact inner solves checked elsewhere).
     """
     M = precondition if precondition is not None else (lambda V: V)
     X = torch.zeros_like(B) if X0 is None else X0.clone()
@@ -65,15 +66,36 @@ def batched_cg(matvec: MatVec, B: Tensor, *, rtol: float, maxiter: int, X0: Tens
         alpha = torch.where(active, rz / torch.where(active, _rowdot(P, AP), one), torch.zeros_like(rz))
         X = X + alpha[:, None] * P
         R = R - alpha[:, None] * AP
+        it += 1
+        still = active & (_rowdot(R, R) > target)
+        if not bool(still.any()) or it == maxiter:  # the next direction would go unused
+            break
         Z = M(R)
         rz_new = _rowdot(R, Z)
         beta = torch.where(active, rz_new / torch.where(active, rz, one), torch.zeros_like(rz))
         P = Z + beta[:, None] * P
         rz = rz_new
-        active = active & (_rowdot(R, R) > target)
-        it += 1
-    res = relative_residual(matvec, X, B)
+        active = still
+    if true_residual:
+        res = relative_residual(matvec, X, B)
+    else:
+        res = torch.linalg.vector_norm(R, dim=-1) / torch.linalg.vector_norm(B, dim=-1).clamp_min(
+            torch.finfo(B.dtype).tiny)
     return X, SolveInfo("cg", it, res, bool((res <= rtol * 10).all()))
+
+
+def add_gram_(G: Tensor, A: Tensor, block: int = 1024) -> Tensor:
+    """G += Aᵀ A in place for A (n, d), G (d, d) symmetric, computing only the lower block
+    triangle (column blocks of `block`) and mirroring it: about half the flops of Aᵀ A."""
+    d = A.shape[1]
+    for j0 in range(0, d, block):
+        j1 = min(j0 + block, d)
+        lower = G[j0:, j0:j1]
+        lower.addmm_(A[:, j0:].T, A[:, j0:j1])
+        G[j0:j1, j1:] = lower[j1 - j0:].T
+        diagonal = lower[:j1 - j0]
+        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)
+    return G
 
 
 class CholeskySolver:
@@ -86,8 +108,20 @@ class CholeskySolver:
             raise torch.linalg.LinAlgError(f"matrix is not positive definite (leading minor {int(info)})")
 
     def solve(self, B: Tensor) -> Tensor:
-        """A⁻¹ bᵣ for every row of B (k, d) -> (k, d)."""
-        return torch.cholesky_solve(B.T, self.L).T
+        """A⁻¹ bᵣ for every row of B (k, d) -> (k, d): L Y = Bᵀ, then Lᵀ X = Y.
+
+        Two triangular solves rather than torch.cholesky_solve: the same arithmetic, but MKL's
+        potrs with few right-hand sides runs about 6× slower than its trsm (measured at d = 6000,
+        k = 4, one thread: 0.42 s vs 0.073 s), and this solve is the PBRF's preconditioner."""
+        Y = torch.linalg.solve_triangular(self.L, B.T.to(self.L.dtype), upper=False)
+        return torch.linalg.solve_triangular(self.L.T, Y, upper=True).T.to(B.dtype)
+
+    def lowered(self, dtype: torch.dtype) -> "CholeskySolver":
+        """The same factor rounded to `dtype` (solves only, no matvec): an approximate inverse
+        for preconditioning, half the memory traffic in float32 (the solves are memory-bound)."""
+        low = object.__new__(CholeskySolver)
+        low.A, low.L = None, self.L.to(dtype)
+        return low
 
     def matvec(self, X: Tensor) -> Tensor:
         return X @ self.A

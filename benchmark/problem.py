@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
+from .linalg import add_gram_
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -314,10 +316,9 @@ class Problem:
             J = vmap(jacrev(lambda th, x: self.model(th, x.unsqueeze(0))[0]), in_dims=(None, 0))(theta, c.inputs)
             out = self.model(theta, c.inputs).detach()
             H = output_hessians(self.loss, out, c.targets)  # (n, C, C)
-            root = psd_sqrt(H)  # H = R Rᵀ
+            root = psd_sqrt(H, drop_null=True)  # H = R Rᵀ, R (n, C, rank)
             A = torch.einsum("ncd,nce->ned", J.detach(), root)  # rows Rᵀ J
-            A = A.reshape(-1, d)
-            G += A.T @ A
+            add_gram_(G, A.reshape(-1, d))
         return G / len(batch)
 
 
@@ -327,10 +328,18 @@ def output_hessians(loss: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
     return vmap(torch.func.hessian(one))(outputs, targets).detach()
 
 
-def psd_sqrt(H: Tensor) -> Tensor:
-    """R with H = R Rᵀ for a batch of symmetric PSD matrices (n, C, C)."""
-    w, Q = torch.linalg.eigh(H)
-    return Q * w.clamp_min(0).sqrt().unsqueeze(-2)
+def psd_sqrt(H: Tensor, drop_null: bool = False) -> Tensor:
+    """R with H = R Rᵀ for a batch of symmetric PSD matrices (n, C, C) -> (n, C, C).
+
+    drop_null: leave out the columns whose eigenvalue is at most C·eps·max eigenvalue in every
+    matrix of the batch (the softmax Hessian's null direction 1) -> (n, C, r), r ≤ C; R Rᵀ
+    changes by at most that relative amount, below the rounding of any sum of such terms."""
+    w, Q = torch.linalg.eigh(H)  # ascending eigenvalues
+    R = Q * w.clamp_min(0).sqrt().unsqueeze(-2)
+    if not drop_null:
+        return R
+    cutoff = w.amax(-1, keepdim=True).clamp_min(0) * H.shape[-1] * torch.finfo(H.dtype).eps
+    return R[..., (w > cutoff).any(0).nonzero().flatten()]
 
 
 def flat_norm(x: Tensor) -> Tensor:

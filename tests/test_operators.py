@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.functional import hessian, jacobian
 
-from benchmark.linalg import CholeskySolver, batched_cg, relative_residual
-from benchmark.problem import Batch, EvaluationCounter
+from benchmark.linalg import CholeskySolver, add_gram_, batched_cg, relative_residual
+from benchmark.problem import Batch, EvaluationCounter, output_hessians, psd_sqrt
 
 SIZES = (5, 4, 4, 3)
 N = 20
@@ -287,6 +287,40 @@ def test_cholesky_solver(spd):
     assert info.method == "dense" and float(info.relative_residual.max()) < 1e-12
     with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
         CholeskySolver(-A)
+
+
+@pytest.mark.parametrize("block", [1, 4, 7, 100])
+def test_add_gram_lower_triangle_mirrored(block):
+    """add_gram_ accumulates Aᵀ A over calls (lower block triangle mirrored), exactly symmetric."""
+    g = torch.Generator().manual_seed(3)
+    A1, A2 = (torch.randn(n, 23, dtype=torch.float64, generator=g) for n in (9, 30))
+    G = torch.zeros(23, 23, dtype=torch.float64)
+    add_gram_(G, A1, block)
+    add_gram_(G, A2, block)
+    torch.testing.assert_close(G, A1.T @ A1 + A2.T @ A2, rtol=1e-13, atol=1e-13)
+    assert torch.equal(G, G.T)
+
+
+def test_psd_sqrt_drops_only_the_null_directions():
+    """Softmax cross-entropy Hessians diag(p) − ppᵀ have rank C − 1: drop_null keeps C − 1
+    columns and R Rᵀ = H; a PSD batch of full rank keeps every column."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 5, dtype=torch.float64, generator=g)
+    H = output_hessians(lambda y, t: F.cross_entropy(y, t, reduction="none"), logits, torch.arange(6) % 5)
+    R = psd_sqrt(H, drop_null=True)
+    assert R.shape == (6, 5, 4)
+    torch.testing.assert_close(R @ R.transpose(1, 2), H, rtol=1e-12, atol=1e-15)
+    M = torch.randn(6, 5, 5, dtype=torch.float64, generator=g)
+    full = M @ M.transpose(1, 2)
+    assert psd_sqrt(full, drop_null=True).shape == (6, 5, 5)
+    torch.testing.assert_close(psd_sqrt(full, drop_null=True), psd_sqrt(full))
+
+
+def test_gauss_newton_matrix_blocked_gram(problem, reference, monkeypatch):
+    """The dense G is the same when its Gram product runs in column blocks smaller than d."""
+    import benchmark.linalg as linalg
+    monkeypatch.setattr(linalg.add_gram_, "__defaults__", (5,))
+    torch.testing.assert_close(problem.gauss_newton_matrix(), reference["G"], rtol=1e-10, atol=1e-12)
 
 
 def test_pbrf_objective_recomputes_base_outputs_when_too_large(mlp, monkeypatch):

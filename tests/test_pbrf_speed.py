@@ -1,0 +1,98 @@
+"""The PBRF solve's speed options give the same ground truth within its certificate.
+
+A float32 dense factor inside the leave-one-out preconditioner only changes the inner CG
+iterates: every row still converges to ‖∇J_m‖ ≤ tol·ε‖∇ℓₘ‖ in float64, so both solves reach
+the same local minimiser, to within (‖∇J₃₂‖ + ‖∇J₆₄‖) / λ_min(∇²J_m) of each other.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from benchmark.ground_truth import response_fingerprint, solver_settings
+from benchmark.linalg import CholeskySolver
+from benchmark.responses import DampedGaussNewton, SolverSettings, pbrf
+from tasks import get_task
+
+REMOVED = torch.tensor([1, 6, 13])
+
+
+def test_float32_preconditioner_solves_the_same_pbrf(mlp):
+    problem = mlp((5, 6, 4), "tanh", n_train=60, weight_decay=5e-2, train_steps=30)
+    settings = SolverSettings(pbrf_tol=1e-10)
+    mu = problem.weight_decay + problem.damping
+    reference, ref_cert = pbrf(problem, REMOVED, DampedGaussNewton(problem, mu, settings))
+    low = dataclasses.replace(settings, preconditioner_dtype="float32")
+    Delta, cert = pbrf(problem, REMOVED, DampedGaussNewton(problem, mu, low))
+    assert all(ref_cert["converged"]) and all(cert["converged"]), (ref_cert, cert)
+    assert Delta.dtype == torch.float64
+    # the certificate's bound: ‖Δ₃₂ − Δ₆₄‖ ≤ (‖∇J₃₂‖ + ‖∇J₆₄‖) / μ with μ ≤ λ_min of J_m's Hessian
+    # near the minimiser on this smooth net (checked: both rows converge with every step accepted)
+    scale = problem.epsilon * problem.train_gradients(REMOVED).norm(dim=1)
+    bound = (torch.tensor(cert["relative_gradient_norm"]) + torch.tensor(ref_cert["relative_gradient_norm"])) \
+        * scale / mu
+    assert ((Delta - reference).norm(dim=1) <= bound).all()
+    assert ((Delta - reference).norm(dim=1) <= 1e-6 * reference.norm(dim=1)).all()
+    assert (reference.norm(dim=1) > 0).all()
+
+
+def test_lowered_factor_is_an_approximate_inverse():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(40, 40, dtype=torch.float64, generator=g)
+    A = M @ M.T + 40 * torch.eye(40, dtype=torch.float64)
+    B = torch.randn(3, 40, dtype=torch.float64, generator=g)
+    exact = CholeskySolver(A).solve(B)
+    low = CholeskySolver(A).lowered(torch.float32).solve(B)
+    assert low.dtype == torch.float64
+    err = float((low - exact).norm() / exact.norm())
+    assert 1e-10 < err < 1e-5  # float32 rounding: not exact, but close
+
+
+def test_default_settings_keep_the_cache_key():
+    """preconditioner_dtype unset is left out of the ground truth's cache key (keys from
+    before the field existed stay valid); set, it changes the key."""
+    task = get_task("mlp-mnist")
+    settings = solver_settings(task, "smoke")
+    key = response_fingerprint(task, "smoke", "pbrf", settings)
+    assert "preconditioner_dtype" not in key["solver"]
+    low = response_fingerprint(task, "smoke", "pbrf", dataclasses.replace(settings, preconditioner_dtype="float32"))
+    assert low["solver"]["preconditioner_dtype"] == "float32"
+
+
+def test_cg_recursive_residual_same_iterates():
+    """true_residual=False returns the same X and iterations, and a residual that matches the
+    true one to rounding (well-conditioned system)."""
+    from benchmark.linalg import batched_cg, relative_residual
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(30, 30, dtype=torch.float64, generator=g)
+    A = M @ M.T + 5 * torch.eye(30, dtype=torch.float64)
+    B = torch.randn(4, 30, dtype=torch.float64, generator=g)
+    X1, i1 = batched_cg(lambda X: X @ A, B, rtol=1e-6, maxiter=100)
+    X2, i2 = batched_cg(lambda X: X @ A, B, rtol=1e-6, maxiter=100, true_residual=False)
+    assert torch.equal(X1, X2) and i1.iterations == i2.iterations
+    torch.testing.assert_close(i2.relative_residual, relative_residual(lambda X: X @ A, X2, B), rtol=1e-6, atol=1e-12)
+    assert float(i2.relative_residual.max()) <= 1e-6
+
+
+def test_batched_rows_solve_alone_and_stop_costing_when_done(mlp):
+    """The batched solve computes only the active rows: each row agrees with its solve alone
+    within the certificates' bound, and a row that converges early stops adding evaluations
+    (the batch costs less than its longest row's steps times R)."""
+    problem = mlp((5, 6, 4), "tanh", n_train=60, weight_decay=5e-2, train_steps=30)
+    mu = problem.weight_decay + problem.damping
+    curvature = DampedGaussNewton(problem, mu, SolverSettings(pbrf_tol=1e-10))
+    problem.counter.reset()
+    batched, cert = pbrf(problem, REMOVED, curvature)
+    batched_gradients = problem.counter.counts["gradient"]
+    assert all(cert["converged"]) and len(set(cert["steps"])) > 1, cert["steps"]
+    scale = problem.epsilon * problem.train_gradients(REMOVED).norm(dim=1)
+    for r in range(len(REMOVED)):
+        problem.counter.reset()
+        alone, alone_cert = pbrf(problem, REMOVED[r:r + 1], curvature)
+        assert alone_cert["converged"] == [True]
+        bound = (cert["relative_gradient_norm"][r] + alone_cert["relative_gradient_norm"][0]) * scale[r] / mu
+        assert float((batched[r] - alone[0]).norm()) <= float(bound)
+    # every step evaluates J at least twice per active row (CG start, line search): with all
+    # rows kept to the end it would be at least (N + 1) · R · (max steps + 1)
+    assert batched_gradients < (problem.n_train + 1) * len(REMOVED) * (max(cert["steps"]) + 1)
