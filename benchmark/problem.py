@@ -227,9 +227,10 @@ class Problem:
         """A DataLoader over the training set yielding (inputs, targets) batches, in order, or
         shuffled by a torch.Generator seeded with `seed`. Not counted by `problem.counter`."""
         from torch.utils.data import DataLoader, TensorDataset
-        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        # a generator of its own even unshuffled: a DataLoader's iterator draws its base seed from
+        # it, and would otherwise consume torch's global random state
         return DataLoader(TensorDataset(self.train.inputs, self.train.targets), batch_size=batch_size,
-                          shuffle=shuffle, generator=generator)
+                          shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
 
     # ---- evaluations -----------------------------------------------------------------------
     def outputs(self, inputs: Tensor, params: Tensor | None = None) -> Tensor:

@@ -393,3 +393,7 @@ def test_train_loader_in_order_and_seeded_shuffle():
     assert torch.equal(order(1), order(1)) and not torch.equal(order(1), order(2))
     assert not torch.equal(order(1), p.train.inputs)
     assert torch.equal(order(1)[:, 0].sort().values, p.train.inputs[:, 0].sort().values)
+    # iterating it leaves torch's global random state alone (the harness flags rows that change it)
+    state = torch.random.get_rng_state()
+    list(p.train_loader(4)), list(p.train_loader(4, shuffle=True))
+    assert torch.equal(torch.random.get_rng_state(), state)
