@@ -144,3 +144,16 @@ def test_decomposition_page_from_results(tmp_path):
     # the paper's findings, checked on the numbers: lr-diabetes here has exact vs cold 0.5
     assert "- lr-cancer (convex): " in text and text.count("as in the paper.") == 1
     assert "- lr-diabetes (convex): " in text and "**differs from the paper**" in text
+
+
+def test_table2_beside_the_paper():
+    """The paper's Table 2 rows, with this scale's `exact` numbers where the task was decomposed."""
+    from benchmark.decomposition import PAPER_TABLE2, table2_beside_paper
+    row = {"task": "mlp-mnist", "table2": [{"estimator": "cg", "cold": [0.1, 0.2], "warm": [0.3, 0.4],
+                                            "pbrf": [0.5, 0.6]},
+                                           {"estimator": "exact", "cold": [0.61, 0.37], "warm": [0.81, 0.67],
+                                            "pbrf": [0.95, 0.97]}]}
+    text = "\n".join(table2_beside_paper([row]))
+    assert "| 0.61 / -0.55 | 0.37 / 0.01 | 0.81 / 0.22 | 0.67 / 0.35 | 0.95 / 0.98 | 0.97 / 0.99 |" in text
+    assert "– / 0.93" in text and "No decomposition at this scale for lenet-mnist" in text
+    assert len(PAPER_TABLE2) == 5
