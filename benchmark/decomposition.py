@@ -413,7 +413,9 @@ def table2_beside_paper(group: list[dict]) -> list[str]:
             "paper trains on 10 % of MNIST at its own widths, this scale's sizes are in the task docstrings):", "",
             tabulate(rows, headers=["model", "cold P", "cold S", "warm P", "warm S", "PBRF P", "PBRF S"],
                      tablefmt="github"), ""] + (
-        [f"No decomposition at this scale for {', '.join(missing)} (see the leaderboard's cost table).", ""]
+        [f"No decomposition at this scale for {', '.join(missing)}: not run at this scale (the leaderboard's "
+         "cost table gives what its ground truth would cost), or skipped (too few trusted PBRF rows, or a "
+         "retraining that diverged; the test's skip reason says which).", ""]
         if missing else [])
 
 
