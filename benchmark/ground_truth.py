@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 import numpy as np
+import torch
 from torch import Tensor
 from torch.func import vmap
 
@@ -99,10 +99,10 @@ def build_problem(task: Task, scale: str, data_root: Path, cache: Cache, device:
         return [Checkpoint(**c) for c in value["checkpoints"]]
 
     problem = Problem(
-        task=task.name, scale=scale, model=model, params=trained["theta"].to(device),
+        task=task.name, scale=scale, model=model, params=theta_s,
         train=train_data, query=Batch(to(splits.x_query[query_idx]), to(splits.y_query[query_idx])),
         loss=task.loss, damping=task.damping, weight_decay=recipe.weight_decay, seed=recipe.seed,
-        theta0=trained["theta0"].to(device), training_certificate=trained["certificate"],
+        theta0=theta0, training_certificate=trained["certificate"],
         **({"chunk_size": gt_cfg.example_chunk} if gt_cfg.example_chunk else {}),
     )
     problem.checkpoint_source = checkpoints

@@ -257,6 +257,12 @@ class Problem:
         return torch.cat([per_example(theta, c.inputs, c.targets).detach()
                           for c in self._chunks(batch)])
 
+    def gradient_chunks(self, batch: Batch, params: Tensor | None = None):
+        """Per-example gradients of `batch` in chunks of `chunk_size` examples: yields (c, d)
+        tensors, never all n × d at once (for streaming estimators); counted as `gradients`."""
+        for c in self._chunks(batch):
+            yield self.gradients(c, params)
+
     def train_gradients(self, train_idx: Tensor) -> Tensor:
         """∇ℓₘ(θˢ) for the training examples `train_idx` -> (len(train_idx), d)."""
         return self.gradients(self.train.subset(train_idx))

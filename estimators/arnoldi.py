@@ -5,8 +5,8 @@ Fit: a Krylov basis Q = [q₁ … q_m] (d, m) of G from a seeded random start, q
 full reorthogonalisation against every earlier q (twice, classical Gram–Schmidt), so that
 T = Qᵀ G Q (m, m) is tridiagonal to rounding; T = W diag(θ) Wᵀ gives the Ritz pairs (θ_i, Q w_i),
 of which the `rank` largest are kept: U (d, k), λ (k,). When the Krylov size m ≥ d the space is
-the whole of ℝᵈ: G itself is formed from batched products G I (in blocks of 256 rows) and
-diagonalised exactly (then rank = d is the exact influence).
+the whole of ℝᵈ: the dense G (Problem.gauss_newton_matrix) is diagonalised exactly (then rank = d
+is the exact influence).
 
 Scores: Δθ₋ₘ = ε U diag(1/(λ_i + μ)) Uᵀ ∇ℓₘ, μ = wd + λ_damping, (n_removed, d); the component of
 ∇ℓₘ outside span(U) is dropped, as in Schioppa et al. (their eq. for the projected inverse).
@@ -23,7 +23,7 @@ over the ground truth's 40 removed examples): rank 50 (the default): 0.32, rank 
 (Krylov size 2001): 0.995: with a small μ the inverse is dominated by the directions the top-k
 space leaves out, so the default rank is the method's, not one that suits every problem.
 Cost: m Gauss–Newton products (one vector each, sequential) plus O(d m²) for the
-reorthogonalisation; memory d·m. The exact path costs d products (batched) and an eigh of (d, d).
+reorthogonalisation; memory d·m. The exact path costs the dense G (counted as d products) and an eigh of (d, d).
 """
 from __future__ import annotations
 
@@ -33,10 +33,6 @@ from torch import Tensor
 from benchmark.problem import Problem
 
 from .base import ParameterEstimator, effective_damping
-
-#: rows of the identity multiplied by G at once on the exact path (memory: _BLOCK × d per chunk)
-_BLOCK = 256
-
 
 def lanczos(matvec, d: int, m: int, dtype, device, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Ritz pairs of a symmetric operator from m Lanczos steps with full reorthogonalisation.
@@ -88,9 +84,7 @@ class Arnoldi(ParameterEstimator):
         d = problem.n_params
         m = self.krylov_size(d)
         if m >= d:  # the Krylov space is all of ℝᵈ: the exact eigendecomposition of G
-            eye = torch.eye(d, dtype=problem.dtype, device=problem.device)
-            G = torch.cat([problem.gnvp(eye[s:s + _BLOCK]) for s in range(0, d, _BLOCK)])
-            values, vectors = torch.linalg.eigh((G + G.T) / 2)
+            values, vectors = torch.linalg.eigh(problem.gauss_newton_matrix())
             self.method_ = "exact"
         else:
             g = torch.Generator().manual_seed(problem.seed + self.seed)

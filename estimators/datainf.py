@@ -76,8 +76,7 @@ class DataInf(ParameterEstimator):
         over the training gradients, `problem.chunk_size` at a time."""
         p, mu = self.problem, self.mu_
         correction = torch.zeros_like(V)
-        for s in range(0, p.n_train, p.chunk_size):
-            Gc = p.gradients(p.train.subset(torch.arange(s, min(s + p.chunk_size, p.n_train), device=p.device)))
+        for Gc in p.gradient_chunks(p.train):
             for b in self.blocks_:
                 g = Gc[:, b]  # (c, d_b)
                 coef = (g @ V[:, b].T) / (mu + (g * g).sum(1, keepdim=True))  # gᵢᵀv / (μ + ‖gᵢ‖²), (c, k)

@@ -69,10 +69,7 @@ class TRAK(Estimator):
 
     def project(self, batch: Batch) -> Tensor:
         """Pᵀ∇ℓᵢ for every example of `batch` -> (n, k), `problem.chunk_size` examples at a time."""
-        p = self.problem
-        step = p.chunk_size
-        return torch.cat([p.gradients(batch.subset(torch.arange(s, min(s + step, len(batch)), device=p.device)))
-                          @ self.projection_ for s in range(0, len(batch), step)])
+        return torch.cat([G @ self.projection_ for G in self.problem.gradient_chunks(batch)])
 
     def fit(self, problem: Problem) -> "TRAK":
         self.problem_ = problem
