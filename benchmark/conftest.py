@@ -69,8 +69,9 @@ def pytest_addoption(parser):
                     help="staged datasets (default: $IFBENCH_DATA_ROOT or ~/.cache/influence-benchmark/data)")
     group.addoption("--results-dir", default=REPO / "leaderboard" / "results", type=Path,
                     help="where the JSON result of every row goes (default: leaderboard/results)")
-    group.addoption("--ground-truth", default="pbrf", choices=ALL_RESPONSES,
-                    help="the response function scores are compared with (default: pbrf); the retraining "
+    group.addoption("--ground-truth", default=None, choices=ALL_RESPONSES,
+                    help="the response function scores are compared with (default: each task's own: pbrf, "
+                         "pbrf-epochs for the batch-norm nets VGG13 and ResNet-20); the retraining "
                          "ones (cold, warm, proximal; *-controlled: relative to the run with nothing "
                          "removed) are computed on first use and cached")
     group.addoption("--decomposition", dest="decomposition", action="store_true", default=None,
@@ -254,7 +255,7 @@ def pytest_report_header(config):
     s = config.stash[_SESSION]
     budget = f" time budget={s.settings.time_budget:g}s" if s.settings.time_budget else ""
     header = (f"influence benchmark: scale={s.settings.scale} device={s.settings.device} "
-              f"ground truth={s.settings.ground_truth} cache={s.cache.root} data={s.data_root} "
+              f"ground truth={s.settings.ground_truth or 'per task'} cache={s.cache.root} data={s.data_root} "
               f"baseline={s.settings.baseline}{budget}")
     left_out = [t for t in TASKS if t not in default_tasks(s.settings.scale)]
     if left_out and not config.getoption("--task"):
@@ -271,7 +272,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = plugin.ordered()
     if rows:
         terminalreporter.section(f"influence benchmark ({session.settings.scale} scale, "
-                                 f"against {session.settings.ground_truth})")
+                                 f"against {session.settings.ground_truth or 'each task’s ground truth'})")
         terminalreporter.write_line(summary_table(rows))
         missing = [f"{r['task']}/{r['estimator']}" for r in rows
                    if (r.get("guard") or {}).get("status") == "no baseline"]

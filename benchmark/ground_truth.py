@@ -29,7 +29,8 @@ from tasks.base import Recipe, Task
 from . import retraining, second_solve
 from .cache import Cache, content_key
 from .problem import Batch, FunctionalModel, Problem
-from .responses import DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf
+from .responses import (PBRF_EPOCHS_STABLE_FRACTION, DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf,
+                        pbrf_epochs)
 from .second_solve import SecondSolveSettings, disagreement, second_pbrf
 from .training import Checkpoint, train, training_checkpoints
 
@@ -45,7 +46,10 @@ GROUND_TRUTH_VERSION = 1
 #: error bar (DESIGN.md §6); not a response function of its own (it covers K of the R examples)
 SECOND_SOLVE = "pbrf-check"
 RESPONSES = ("pbrf", "linear", SECOND_SOLVE)
-ALL_RESPONSES = ("pbrf", "linear", *retraining.RESPONSES)
+#: the paper's PBRF protocol (the base optimizer on the PBRF objective for half the base epochs,
+#: responses.pbrf_epochs), for where θˢ is no local minimum of the PBRF; computed on first use
+PBRF_EPOCHS = "pbrf-epochs"
+ALL_RESPONSES = ("pbrf", "linear", PBRF_EPOCHS, *retraining.RESPONSES)
 #: epoch ends of the base training kept for TracIn-style estimators (Problem.checkpoints):
 #: computed on first use by running the seeded base training again, and cached
 CHECKPOINTS = 5
@@ -161,7 +165,11 @@ _SOLVER_UNSET_IF_NONE = ("preconditioner_dtype",)
 def untrusted_rows(certificate: dict) -> np.ndarray:
     """Removed examples with no local solution of their response function, (R,) bool: the solve
     left the basin around θˢ, or ended with a larger gradient than it started from
-    (relative gradient norm > 1). They are left out of the correlations and counted."""
+    (relative gradient norm > 1); or, for a response with a trust rule of its own (a per-example
+    "trusted" list in its certificate: pbrf-epochs), the rows it does not trust. They are left
+    out of the correlations and counted."""
+    if "trusted" in certificate:
+        return ~np.asarray(certificate["trusted"], dtype=bool)
     statuses = certificate.get("status")
     rel = certificate.get("relative_gradient_norm")
     if statuses is None or rel is None:
@@ -187,6 +195,8 @@ def response_fingerprint(task: Task, scale: str, response: str, settings: Solver
         "response": response,
         "version": GROUND_TRUTH_VERSION,
         **({"retraining": retraining.RETRAINING_VERSION} if response in retraining.RESPONSES else {}),
+        **({"pbrf_epochs": {"second_runs": n_second_solve(task, scale), "stable_fraction": PBRF_EPOCHS_STABLE_FRACTION}}
+           if response == PBRF_EPOCHS else {}),
         **({"second_solve": {"n": n_second_solve(task, scale), "settings": dataclasses.asdict(SECOND_SOLVE_SETTINGS),
                              "version": second_solve.VERSION,
                              "first": content_key(response_fingerprint(task, scale, "pbrf", settings))}}
@@ -238,12 +248,14 @@ def merge_certificates(parts: list[dict]) -> dict:
 
 def compute_response(problem: Problem, name: str, removed: Tensor, eval_idx: Tensor,
                      curvature: _LazyCurvature, recipe: Recipe | None = None, runs: dict | None = None,
-                     chunk: int | None = None) -> dict:
+                     chunk: int | None = None, second_runs: int = 0) -> dict:
     """One response function for every removed example: scores, outputs and certificate.
 
-    The retraining responses need the task's `recipe`; `runs` (kind -> Retraining) shares one
-    retraining between its raw and drift-controlled variants. `chunk`: the PBRF and linearized
-    PBRF are solved (and evaluated) for this many removed examples at a time (memory)."""
+    The retraining responses and pbrf-epochs need the task's `recipe`; `runs` (kind ->
+    Retraining) shares one retraining between its raw and drift-controlled variants. `chunk`:
+    the PBRF and linearized PBRF are solved (and evaluated) for this many removed examples at a
+    time (memory). second_runs: pbrf-epochs runs this many of them again with another batch
+    order, its error bar (certificate["second_run"])."""
     start = time.perf_counter()
     if name in ("linear", "pbrf"):
         solve = {"linear": linearized_pbrf, "pbrf": pbrf}[name]
@@ -257,6 +269,15 @@ def compute_response(problem: Problem, name: str, removed: Tensor, eval_idx: Ten
         evaluated = [stacked_evaluations(problem, Delta[s:s + size], problem.train.inputs[eval_idx])
                      for s in range(0, len(removed), size)]
         scores, outputs = torch.cat([e[0] for e in evaluated], 1), torch.cat([e[1] for e in evaluated])
+    elif name == PBRF_EPOCHS:
+        if recipe is None:
+            raise ValueError(f"the {name!r} response runs the base optimizer: pass the task's recipe")
+        log.info("%s %s ground truth: %d removed examples", problem.task, name, len(removed))
+        Delta, certificate = pbrf_epochs(problem, removed, recipe)
+        scores, outputs = stacked_evaluations(problem, Delta, problem.train.inputs[eval_idx])
+        if second_runs:
+            certificate["second_run"] = pbrf_epochs_replicate(problem, removed, recipe, scores, certificate,
+                                                              second_runs)
     elif name in retraining.RESPONSES:
         if recipe is None:
             raise ValueError(f"the {name!r} response retrains the model: pass the task's recipe")
@@ -275,6 +296,24 @@ def compute_response(problem: Problem, name: str, removed: Tensor, eval_idx: Ten
     certificate["seconds"] = time.perf_counter() - start
     log.info("%s %s ground truth: done, %.1f s", problem.task, name, certificate["seconds"])
     return {"scores": scores.cpu(), "outputs": outputs.cpu(), "certificate": certificate}
+
+
+def pbrf_epochs_replicate(problem: Problem, removed: Tensor, recipe: Recipe, scores: Tensor, certificate: dict,
+                          k: int) -> dict:
+    """pbrf-epochs' error bar: K = min(R, k) seeded removed examples run again with another
+    batch order (recipe seed + 1); their disagreement with the first run (second_solve.disagreement
+    over the examples both runs trust) is the minibatch noise of the protocol, in score space."""
+    positions = seeded_choice(len(removed), k, recipe.seed + 4)
+    again = dataclasses.replace(recipe, seed=recipe.seed + 1)
+    Delta, cert = pbrf_epochs(problem, removed[positions.to(removed.device)], again)
+    second, _ = stacked_evaluations(problem, Delta, problem.train.inputs[:1])
+    trusted = ~untrusted_rows(cert) & ~untrusted_rows(certificate)[positions.numpy()]
+    summary = disagreement(scores[:, positions].cpu().numpy(), second.cpu().numpy(), trusted, seed=problem.seed)
+    statuses = cert["status"]
+    return {**summary, "removed": removed[positions.to(removed.device)].tolist(),
+            "method": "pbrf-epochs again with batch-order seed + 1",
+            "converged_fraction": 0.0, "max_relative_gradient_norm": float(np.max(cert["relative_gradient_norm"])),
+            "status_counts": {s: statuses.count(s) for s in sorted(set(statuses))}, "seconds": cert["seconds"]}
 
 
 def compute_second_solve(problem: Problem, removed: Tensor, eval_idx: Tensor, first: dict, k: int, seed: int,
@@ -315,7 +354,8 @@ def load_ground_truth(task: Task, scale: str, problem: Problem, cache: Cache,
         if name == SECOND_SOLVE:
             return compute_second_solve(problem, removed, eval_idx, load("pbrf")[0], n_second_solve(task, scale),
                                         seed + 4, settings.pbrf_tol)
-        return compute_response(problem, name, removed, eval_idx, curvature, recipe, runs, cfg.removed_chunk)
+        return compute_response(problem, name, removed, eval_idx, curvature, recipe, runs, cfg.removed_chunk,
+                                second_runs=n_second_solve(task, scale))
 
     def load(name: str, siblings: bool = True) -> tuple[dict, str, bool]:
         fingerprint = response_fingerprint(task, scale, name, settings)

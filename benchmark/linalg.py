@@ -84,6 +84,18 @@ def batched_cg(matvec: MatVec, B: Tensor, *, rtol: float, maxiter: int, X0: Tens
     return X, SolveInfo("cg", it, res, bool((res <= rtol * 10).all()))
 
 
+def top_eigenvalue(matvec, d: int, dtype, device, iterations: int, generator: torch.Generator) -> float:
+    """Largest eigenvalue of a PSD operator by power iteration from a seeded random start."""
+    v = torch.randn(1, d, dtype=dtype, generator=generator).to(device)
+    v = v / v.norm()
+    value = 0.0
+    for _ in range(iterations):
+        w = matvec(v)
+        value = float((w * v).sum())
+        v = w / w.norm().clamp_min(torch.finfo(dtype).tiny)
+    return value
+
+
 def add_gram_(G: Tensor, A: Tensor, block: int = 1024) -> Tensor:
     """G += Aᵀ A in place for A (n, d), G (d, d) symmetric, computing only the lower block
     triangle (column blocks of `block`) and mirroring it: about half the flops of Aᵀ A."""

@@ -44,13 +44,13 @@ def summary_table(rows: list[dict]) -> str:
     for r in rows:
         gt = r.get("ground_truth_certificate") or {}
         table.append([
-            r["task"], r["estimator"], _with_ci(r, "pearson"), _with_ci(r, "spearman"),
+            r["task"], r["estimator"], r.get("ground_truth", "pbrf"), _with_ci(r, "pearson"), _with_ci(r, "spearman"),
             _fmt(r.get("pearson_pooled")), _fmt(r.get("output_distance_relative")),
             _fmt(r.get("seconds"), ".2f"), _fmt(r.get("evaluations"), ",d"),
             _fmt(gt.get("converged_fraction"), ".0%"), _fmt((gt.get("second_solve") or {}).get("ceiling")),
             _status(r),
             _guard(r.get("guard")),
         ])
-    headers = ["task", "estimator", "pearson [95% CI]", "spearman [95% CI]", "pooled P", "out dist (rel)",
+    headers = ["task", "estimator", "against", "pearson [95% CI]", "spearman [95% CI]", "pooled P", "out dist (rel)",
                "seconds", "evaluations", "GT conv.", "GT ceiling", "status", "guard"]
     return tabulate(table, headers=headers, tablefmt="github")

@@ -153,15 +153,23 @@ def train_mode_minibatch(model: FunctionalModel, loss, data: Batch, theta: Tenso
     return theta.detach(), {k: b.detach() for k, b in buffers.items()}
 
 
+#: a minibatch objective of one row: (θ (d,), weights of the batch (b,), inputs, targets,
+#: *row_data) -> scalar
+BatchObjective = Callable[..., Tensor]
+
+
 def sgd(model: FunctionalModel, loss, data: Batch, theta: Tensor, recipe: Recipe, *,
         weights: Tensor | None = None, epochs: int | None = None, seed: int | None = None,
-        proximal: tuple[float, Tensor] | None = None, on_epoch_end: EpochEnd | None = None) -> Tensor:
+        proximal: tuple[float, Tensor] | None = None, on_epoch_end: EpochEnd | None = None,
+        objective: BatchObjective | None = None, row_data: tuple[Tensor, ...] = ()) -> Tensor:
     """Minibatch SGD (with the recipe's momentum, learning-rate steps and weight decay), or Adam
     when recipe.optimizer == "adam". The model is evaluated in eval mode (buffers frozen).
 
     theta: (d,) or stacked (R, d); weights: (N,) or (R, N) example weights (default ones);
     proximal: optional (λ, anchor (d,)) adding (λ/2)‖θ − anchor‖²; on_epoch_end(epoch, θ) is
     called after every epoch (θ of theta's shape). Returns θ of theta's shape.
+    objective: replaces the training objective (and `proximal`) by objective(θ_r, w_r[batch],
+    x_batch, t_batch, *row_data_r), with row_data (R, ...) tensors vmapped along the rows.
     """
     stacked = theta.dim() == 2
     theta = theta if stacked else theta.unsqueeze(0)
@@ -178,13 +186,13 @@ def sgd(model: FunctionalModel, loss, data: Batch, theta: Tensor, recipe: Recipe
             value = value + 0.5 * proximal[0] * (th - proximal[1]).pow(2).sum()
         return value
 
-    step = vmap(grad(batch_objective), in_dims=(0, 0, None, None))
+    step = vmap(grad(objective or batch_objective), in_dims=(0, 0, None, None, *(0,) * len(row_data)))
     update = _Update(recipe, theta)
     theta = theta.clone()
     shaped = (lambda: theta) if stacked else (lambda: theta[0])
     for epoch, idx in _epochs(n, recipe.batch_size or n, epochs, seed, on_epoch_end, shaped):
         idx = idx.to(data.inputs.device)
-        g = step(theta, weights[:, idx], data.inputs[idx], data.targets[idx])
+        g = step(theta, weights[:, idx], data.inputs[idx], data.targets[idx], *row_data)
         theta = update(theta, g, epoch)
     return theta if stacked else theta[0]
 

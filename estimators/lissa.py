@@ -37,21 +37,10 @@ import math
 import torch
 from torch import Tensor
 
+from benchmark.linalg import top_eigenvalue
 from benchmark.problem import Problem
 
 from .base import ParameterEstimator, effective_damping
-
-
-def top_eigenvalue(matvec, d: int, dtype, device, iterations: int, generator: torch.Generator) -> float:
-    """Largest eigenvalue of a PSD operator by power iteration from a seeded random start."""
-    v = torch.randn(1, d, dtype=dtype, generator=generator).to(device)
-    v = v / v.norm()
-    value = 0.0
-    for _ in range(iterations):
-        w = matvec(v)
-        value = float((w * v).sum())
-        v = w / w.norm().clamp_min(torch.finfo(dtype).tiny)
-    return value
 
 
 def lissa_depth(scale: float, mu: float) -> int:

@@ -141,6 +141,11 @@ class Task(ABC):
     def recipe(self, scale: Scale) -> Recipe:
         return self.config(scale).recipe
 
+    def ground_truth(self, scale: Scale) -> str:
+        """The response function the task's rows are scored against by default at `scale`
+        (benchmark.ground_truth.ALL_RESPONSES): the PBRF's minimiser, unless a task says why not."""
+        return "pbrf"
+
     def ground_truth_config(self, scale: Scale) -> GroundTruthConfig:
         return self.config(scale).ground_truth
 

@@ -13,6 +13,8 @@ Full-batch gradient descent with step 1/λ_max(A) converges in a few hundred ste
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -20,7 +22,7 @@ from torch import nn
 from benchmark import retraining
 from benchmark.ground_truth import ALL_RESPONSES, _LazyCurvature, compute_response
 from benchmark.problem import Batch, FunctionalModel, Problem
-from benchmark.responses import DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf
+from benchmark.responses import DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf, pbrf_epochs
 from tasks.base import Recipe
 
 DTYPE = torch.float64
@@ -118,6 +120,39 @@ def test_linear_and_pbrf_closed_forms(ridge):
         torch.testing.assert_close(lin[i], r.closed_form(m, lam=r.lam, exact=False), rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(bregman[i], r.closed_form(m, lam=r.lam), rtol=1e-8, atol=1e-13)
     assert all(cert["converged"])
+
+
+def test_pbrf_epochs_reaches_the_pbrf_on_a_quadratic(ridge):
+    """The paper's protocol (the optimizer on the PBRF objective for half the base epochs):
+    long enough full-batch gradient descent reaches the PBRF's closed form; its first step is
+    ε·lr·∇ℓₘ; a minibatch run ends within noise of it that shrinks with the learning rate."""
+    r = ridge
+    K = _steps_to_converge(r)
+    Delta, cert = pbrf_epochs(r.problem, REMOVED, r.gd(2 * K))
+    exact = torch.stack([r.closed_form(m, lam=r.lam) for m in REMOVED.tolist()])
+    torch.testing.assert_close(Delta, exact, rtol=1e-9, atol=1e-13)
+    assert cert["epochs"] == K and max(cert["relative_gradient_norm"]) < 1e-8
+    assert cert["status"] == ["fixed_length"] * len(REMOVED)
+    one = Recipe("sgd", epochs=2, batch_size=8, lr=r.lr, weight_decay=r.wd, seed=0)
+    g_m = r.problem.train_gradients(REMOVED)
+    first, cert = pbrf_epochs(r.problem, REMOVED, dataclasses.replace(one, batch_size=r.N))
+    torch.testing.assert_close(first, cert["lr"] * r.problem.epsilon * g_m, rtol=1e-12, atol=1e-16)
+    # lr = 1/λ_max(A) is at half of gradient descent's stability limit 2/L, L = λ_max(A) + λ
+    # (the PBRF's curvature A + λI − ε xₘxₘᵀ ≤ A + λI): the cap scales it by λ_max(A) / L
+    L = float(torch.linalg.eigvalsh(r.A)[-1]) + r.lam
+    assert cert["curvature_max"] == pytest.approx(L, rel=1e-3)  # 30 power iterations
+    assert cert["lr_factor"] == pytest.approx((L - r.lam) / L, rel=1e-3)
+    # a learning rate past the limit is scaled down to half of it
+    _, cert = pbrf_epochs(r.problem, REMOVED, dataclasses.replace(one, lr=10 * r.lr, momentum=0.5))
+    assert cert["lr"] == pytest.approx(0.5 * 2 * 1.5 / cert["curvature_max"], rel=1e-12)
+    # minibatch noise around the PBRF's solution, proportional to the learning rate
+    rel = []
+    for factor in (0.3, 0.03):
+        minibatch, _ = pbrf_epochs(r.problem, REMOVED, dataclasses.replace(one, epochs=2 * K, lr=factor * r.lr))
+        rel.append(float(((minibatch - exact).norm(dim=1) / exact.norm(dim=1)).max()))
+    assert 1e-4 < rel[1] < 0.02 and rel[0] > 3 * rel[1], rel
+    with pytest.raises(ValueError, match="minibatch optimizer"):
+        pbrf_epochs(r.problem, REMOVED, Recipe("lbfgs", epochs=10, weight_decay=r.wd))
 
 
 def test_proximal_equals_pbrf_and_tends_to_warm(ridge):
