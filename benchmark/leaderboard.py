@@ -372,6 +372,15 @@ How the numbers are computed (DESIGN.md §1–2):
   could reach given the noise in the ground truth. A row is **tied** with the best row of its
   task (marked ≈) when best − row ≤ 1 − ceiling_lo: no smaller difference can be told apart
   from that noise. Without a ceiling (fewer than 3 trusted examples) only equal numbers tie.
+- `pbrf-epochs` (the batch-norm nets VGG13 and ResNet-20, whose θˢ is a saddle of the PBRF at
+  these scales, so that the minimiser does not exist): the paper's own protocol, the base
+  recipe's optimizer on the PBRF objective from θˢ for half the base epochs, every removed
+  example at once (`benchmark.responses.pbrf_epochs`; the SGD schedule scaled down to half the
+  stability limit of the eval-mode objective where the recipe's exceeds it). It is a different
+  response function from the minimiser, on tables of its own. Its certificate: a row is
+  trusted where the run lowered its objective (J_m < 0 = J_m(θˢ)); its gradient norm is
+  reported, not required to be small. Its error bar: the same K examples run again with
+  another batch order, so the ceiling measures the protocol's minibatch noise.
 """
 
 

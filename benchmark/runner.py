@@ -366,21 +366,22 @@ class Session:
 
     def _output_distance(self, result: dict, problem: Problem, gt: GroundTruth, delta: torch.Tensor,
                          scored: bool = True) -> np.ndarray:
-        """Output distance to the PBRF on the evaluation inputs; returns f(θˢ + Δₘ, x_eval) (R, n_eval, C)."""
+        """Output distance to the row's ground truth (the PBRF, or the task's own) on the evaluation
+        inputs; returns f(θˢ + Δₘ, x_eval) (R, n_eval, C)."""
         if tuple(delta.shape) != (len(gt.removed), problem.n_params) or not torch.isfinite(delta).all():
             raise EstimatorFailure(f"parameter_change() returned shape {tuple(delta.shape)} or non-finite values; "
                                    f"expected finite (n_removed, d) = ({len(gt.removed)}, {problem.n_params})")
         eval_inputs = problem.train.inputs[gt.eval_idx.to(problem.device)]
         with torch.no_grad():
             outputs = torch.stack([problem.model(problem.params + d, eval_inputs) for d in delta]).cpu().numpy()
-        pbrf_response = gt.response("pbrf")
-        keep = ~untrusted_rows(pbrf_response["certificate"])
+        truth = gt.response(self.ground_truth_of(result["task"]))
+        keep = ~untrusted_rows(truth["certificate"])
         keep = keep if keep.size else np.ones(len(gt.removed), dtype=bool)
         if not scored or not keep.any():
             return outputs
-        pbrf = pbrf_response["outputs"].numpy()[keep]
-        dist = output_distance(outputs[keep], pbrf)
-        effect = output_distance(gt.base_outputs.numpy()[None], pbrf)
+        target = truth["outputs"].numpy()[keep]
+        dist = output_distance(outputs[keep], target)
+        effect = output_distance(gt.base_outputs.numpy()[None], target)
         result.update({"output_distance": float(dist.mean()), "output_distance_std": float(dist.std()),
                        "output_distance_relative": float(dist.mean() / max(effect.mean(), 1e-300))})
         return outputs

@@ -36,14 +36,15 @@ Scales (the tables below; times measured with one thread on the shared 2-core CP
          of batch 32, wd 2e-2, R = Q = 4, at most 10 PBRF steps. About 25-45 s per task with the
          four default estimators, LiSSA most of it. The PBRF converges for LeNet / AlexNet; for
          the batch-norm nets most rows end "stalled" or "diverged" (see _WEIGHT_DECAY).
-  cpu    1,000 full-size training images, the nets narrowed to d = 9.6k-14k so that the ground
-         truth stays exact (dense solves), 50 epochs, wd 5e-3, R = 10, Q = 20. Does NOT fit the
-         hour of the cpu suite: measured per call over the 1,000 images (one removed example or
-         vector): PBRF value + gradient 0.54 s (LeNet-MNIST), 0.96 s (VGG13-CIFAR), 1.5 s
-         (AlexNet-CIFAR), 4.3 s (ResNet-20-CIFAR); Gauss–Newton product 1.2, 1.6, 3.5, 6.4 s; dense
-         G 50-100 s. That is roughly 1-7 min of PBRF per removed example, and LiSSA (1000 steps
-         of batch 128) 100-400 s per removed example. Meaningful numbers need the paper scale
-         on a GPU (or a CPU run of hours per task).
+  cpu    1,000 training images, 2×2 average-pooled like smoke (14×14 / 16×16), the cpu widths
+         (d = 3.6k-9.9k: dense, exact solves), 50 epochs, wd 5e-3, R = Q = 40. Why pooled,
+         measured (one thread, float64, LeNet over the 1,000 images): plain forward + backward
+         0.456 s at 28×28 against 0.075 s at 14×14; a Gauss–Newton product 1.6 s against
+         0.23 s. At 28×28 (R = 10) the LeNet-MNIST ground truth took 559 s with 5 of 10 rows
+         certified and default LiSSA projected 69 min (benchmark.cost); pooled, R = 40: PBRF
+         406 s (16 converged, 24 stalled at a median relative gradient norm 7e-4, none
+         untrusted), its second solve 472 s (ceiling 0.995 [0.94, 1.00]), exact's Pearson 0.894.
+         The batch-norm nets are scored against `pbrf-epochs` (CNNTask.ground_truth).
   paper  the paper's widths and data (6,000 MNIST / 5,000 CIFAR images); d = 62k (LeNet-5) to
          9.4M (VGG13), so the ground truth goes through float64 CG without preconditioner. The
          removed examples are solved in chunks (`removed_chunk`) and training examples vmapped
@@ -203,7 +204,7 @@ def _paper_gt(removed_chunk: int, example_chunk: int) -> GroundTruthConfig:
 
 # architecture -> scale -> model keyword arguments; n_train per scale; recipe per (dataset, scale)
 # d (MNIST / CIFAR) at smoke: LeNet 1.1k/1.5k, AlexNet 1.0k/1.2k, VGG13 2.5k/2.6k, ResNet-8 1.3k/1.4k
-#                  at cpu:   LeNet 12.8k/13.1k, AlexNet 10.9k/13.9k, VGG13 9.6k/9.7k, ResNet-20 9.8k/9.9k
+#                  at cpu:   LeNet 3.6k/5.0k, AlexNet 7.9k/9.3k, VGG13 9.6k/9.7k, ResNet-20 9.8k/9.9k (pooled images)
 #                  at paper: LeNet 62k, AlexNet 3.4M/4.1M, VGG13 9.4M, ResNet-20 269k
 _ARCH = {
     "lenet": (lenet, {

@@ -131,6 +131,19 @@ def test_provenance_is_complete(session):
     assert len(r["removed"]) == R
 
 
+def test_each_task_is_scored_against_its_own_ground_truth(session, cache_dir):
+    """Without --ground-truth a row is scored against its task's default (the batch-norm nets:
+    pbrf-epochs, every other task: pbrf) and says so; --ground-truth overrides it everywhere."""
+    assert session.ground_truth_of("lr-cancer") == "pbrf"
+    assert session.ground_truth_of("lenet-mnist") == "pbrf"
+    for bn in ("vgg13-mnist", "resnet20-cifar"):
+        assert session.ground_truth_of(bn) == "pbrf-epochs"
+    forced = Session(Settings(scale="smoke", cache_dir=cache_dir, ground_truth="warm"))
+    assert forced.ground_truth_of("vgg13-mnist") == "warm"
+    r = session.run("lr-cancer", "grad-dot")
+    assert r["ground_truth"] == "pbrf" and r["ground_truth_certificate"]["response"] == "pbrf"
+
+
 def test_time_budget(session, cache_dir):
     reference = session.run("lr-cancer", "exact")
     budgeted = Session(Settings(scale="smoke", cache_dir=cache_dir, time_budget=0.5))
