@@ -110,7 +110,27 @@ def build_problem(task: Task, scale: str, data_root: Path, cache: Cache, device:
         **({"chunk_size": gt_cfg.example_chunk} if gt_cfg.example_chunk else {}),
     )
     problem.checkpoint_source = checkpoints
+    check_base_model(problem)
     return problem
+
+
+#: θˢ whose outputs vary across inputs by less than this (relative) did not train
+COLLAPSED_SPREAD = 1e-4
+
+
+def check_base_model(problem: Problem, n: int = 256) -> None:
+    """Raise where θˢ gives (nearly) the same outputs for every training input (its first n):
+    a collapsed base model (the class prior of a net whose signal vanished, say), on which every
+    estimator correlates perfectly with every ground truth and no number means anything.
+    Spread: mean over outputs of the std over inputs, relative to the outputs' RMS."""
+    out = problem.outputs(problem.train.inputs[:n])
+    spread = float(out.std(0).mean() / out.pow(2).mean().sqrt().clamp_min(torch.finfo(out.dtype).tiny))
+    if len(out) > 1 and spread < COLLAPSED_SPREAD:
+        loss = float(problem.losses(problem.train.subset(torch.arange(len(out), device=out.device))).mean())
+        raise ValueError(
+            f"the base model θˢ of {problem.task} at {problem.scale} gives the same outputs for every training "
+            f"input (relative spread {spread:.1e} < {COLLAPSED_SPREAD:g}, mean training loss {loss:.4g}): it did not "
+            f"train, and no influence estimate on it means anything; fix the task's recipe or initialisation")
 
 
 @dataclass

@@ -75,9 +75,14 @@ def lenet(in_channels: int, size: int, c1: int, c2: int, f1: int, f2: int, n_out
 
 def alexnet(in_channels: int, size: int, channels: tuple[int, ...], fc: tuple[int, int],
             n_out: int = 10) -> nn.Module:
+    """He-initialised (normal, fan-in, zero biases): with torch's default initialisation each of
+    the eight layers shrinks the signal about 2× (measured at cpu widths: output std over inputs
+    3e-4 at θ⁰) and SGD with weight decay stayed at the class prior (train loss 2.296, 11.5 %
+    accuracy, for lr 0.01-0.2 and wd 0-5e-3); He-initialised (output std 0.39), the cpu recipe
+    reaches 99.8 % train / 92 % query accuracy."""
     c1, c2, c3, c4, c5 = channels
     side = size // 8  # three 2×2 max-pools: 28 → 3, 32 → 4
-    return nn.Sequential(
+    net = nn.Sequential(
         nn.Conv2d(in_channels, c1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(c1, c2, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(),
@@ -85,6 +90,11 @@ def alexnet(in_channels: int, size: int, channels: tuple[int, ...], fc: tuple[in
         nn.Conv2d(c4, c5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(c5 * side * side, fc[0]), nn.ReLU(), nn.Linear(fc[0], fc[1]), nn.ReLU(),
         nn.Linear(fc[1], n_out))
+    for layer in net:
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+    return net
 
 
 VGG13_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -301,10 +311,14 @@ class CNNTask(Task):
         return Splits((x_train - mean) / std, y_pool[train], (x_query - mean) / std, y_q[query])
 
 
+#: task versions other than 1 (every cache entry depends on it): AlexNet 2, He initialisation
+_VERSION = {"alexnet": 2}
+
+
 def _task(arch: str, dataset: str, title: str) -> type[CNNTask]:
     data_name = {"mnist": "MNIST (6,000-image subset)", "cifar": "CIFAR-10 (5,000-image offline subset)"}[dataset]
     return type(f"{arch.capitalize()}{dataset.capitalize()}", (CNNTask,), {
-        "name": f"{arch}-{dataset}", "arch": arch, "dataset": dataset,
+        "name": f"{arch}-{dataset}", "arch": arch, "dataset": dataset, "version": _VERSION.get(arch, 1),
         "description": f"{title}, {data_name}", "__module__": __name__})
 
 

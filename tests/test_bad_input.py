@@ -396,3 +396,30 @@ def test_row_without_trusted_ground_truth_still_checks_the_estimator(shared, tmp
     from benchmark.runner import NoGroundTruth
     with pytest.raises(NoGroundTruth, match="only 2 of"):
         decompose(session, "lr-cancer", ["exact"])
+
+
+def test_a_collapsed_base_model_is_refused():
+    """θˢ with the same outputs for every input (a net that never left the class prior) is
+    refused with a message naming the fix; a trained one passes."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from benchmark.ground_truth import check_base_model
+    from benchmark.problem import FunctionalModel, Problem
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, generator=g, dtype=torch.float64), torch.randint(2, (40,), generator=g)
+    module = nn.Linear(3, 2).double()
+    model = FunctionalModel(module)
+
+    def problem(theta):
+        return Problem(task="tiny", scale="smoke", model=model, params=theta, train=Batch(x, y), query=Batch(x, y),
+                       loss=lambda o, t: F.cross_entropy(o, t, reduction="none"), damping=1e-3,
+                       weight_decay=0.0, seed=0)
+
+    trained = model.flatten()
+    check_base_model(problem(trained))
+    collapsed = trained.clone()
+    collapsed[:6] = 0.0  # weights 0, biases left: the same logits for every input
+    with pytest.raises(ValueError, match="gives the same outputs for every training input.*fix the task's recipe"):
+        check_base_model(problem(collapsed))

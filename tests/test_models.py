@@ -32,7 +32,7 @@ def example_inputs(task: Task, scale: str, n: int, seed: int = 0) -> torch.Tenso
     """Random inputs of the shape the task's model takes at `scale` (no dataset needed)."""
     g = torch.Generator().manual_seed(seed)
     if isinstance(task, MnistAutoencoder):
-        return torch.rand(n, 784, generator=g, dtype=DTYPE)
+        return torch.rand(n, 784 // task.config(scale).params.get("pool", 1) ** 2, generator=g, dtype=DTYPE)
     if isinstance(task, PTBTransformer):
         p = task.config(scale).params
         return torch.randint(p["vocab"], (n, p["seq_len"]), generator=g)

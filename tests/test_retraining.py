@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from benchmark import retraining
-from benchmark.ground_truth import ALL_RESPONSES, _LazyCurvature, compute_response
+from benchmark.ground_truth import ALL_RESPONSES, _LazyCurvature, compute_response, untrusted_rows
 from benchmark.problem import Batch, FunctionalModel, Problem
 from benchmark.responses import DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf, pbrf_epochs
 from tasks.base import Recipe
@@ -133,6 +133,9 @@ def test_pbrf_epochs_reaches_the_pbrf_on_a_quadratic(ridge):
     torch.testing.assert_close(Delta, exact, rtol=1e-9, atol=1e-13)
     assert cert["epochs"] == K and max(cert["relative_gradient_norm"]) < 1e-8
     assert cert["status"] == ["fixed_length"] * len(REMOVED)
+    assert not untrusted_rows(cert).any()
+    # a row is trusted where its run lowered J_m below J_m(θˢ) = 0, whatever its gradient
+    assert list(untrusted_rows({**cert, "trusted": [True, False, True, True]})) == [False, True, False, False]
     one = Recipe("sgd", epochs=2, batch_size=8, lr=r.lr, weight_decay=r.wd, seed=0)
     g_m = r.problem.train_gradients(REMOVED)
     first, cert = pbrf_epochs(r.problem, REMOVED, dataclasses.replace(one, batch_size=r.N))
