@@ -272,7 +272,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = plugin.ordered()
     if rows:
         terminalreporter.section(f"influence benchmark ({session.settings.scale} scale, "
-                                 f"against {session.settings.ground_truth or 'each task’s ground truth'})")
+                                 f"against {', '.join(sorted({r.get('ground_truth') or 'pbrf' for r in rows}))})")
         terminalreporter.write_line(summary_table(rows))
         missing = [f"{r['task']}/{r['estimator']}" for r in rows
                    if (r.get("guard") or {}).get("status") == "no baseline"]
