@@ -182,6 +182,11 @@ _UNSET_IF_NONE = ("removed_chunk", "example_chunk", "n_second_solve")
 _SOLVER_UNSET_IF_NONE = ("preconditioner_dtype",)
 
 
+def status_counts(statuses: list[str]) -> dict[str, int]:
+    """How many removed examples ended with each status, in name order."""
+    return {s: statuses.count(s) for s in sorted(set(statuses))}
+
+
 def untrusted_rows(certificate: dict) -> np.ndarray:
     """Removed examples with no local solution of their response function, (R,) bool: the solve
     left the basin around θˢ, or ended with a larger gradient than it started from
@@ -329,11 +334,10 @@ def pbrf_epochs_replicate(problem: Problem, removed: Tensor, recipe: Recipe, sco
     second, _ = stacked_evaluations(problem, Delta, problem.train.inputs[:1])
     trusted = ~untrusted_rows(cert) & ~untrusted_rows(certificate)[positions.numpy()]
     summary = disagreement(scores[:, positions].cpu().numpy(), second.cpu().numpy(), trusted, seed=problem.seed)
-    statuses = cert["status"]
     return {**summary, "removed": removed[positions.to(removed.device)].tolist(),
             "method": "pbrf-epochs again with batch-order seed + 1",
             "converged_fraction": 0.0, "max_relative_gradient_norm": float(np.max(cert["relative_gradient_norm"])),
-            "status_counts": {s: statuses.count(s) for s in sorted(set(statuses))}, "seconds": cert["seconds"]}
+            "status_counts": status_counts(cert["status"]), "seconds": cert["seconds"]}
 
 
 def compute_second_solve(problem: Problem, removed: Tensor, eval_idx: Tensor, first: dict, k: int, seed: int,

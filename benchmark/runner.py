@@ -23,7 +23,8 @@ from tasks import check_scale, get_task
 
 from . import guard, retraining, torch_state
 from .cache import Cache, atomic_write_text
-from .ground_truth import RESPONSES, SECOND_SOLVE, GroundTruth, build_problem, load_ground_truth, untrusted_rows
+from .ground_truth import (RESPONSES, SECOND_SOLVE, GroundTruth, build_problem, load_ground_truth, status_counts,
+                           untrusted_rows)
 from .measure import machine_load, measure
 from .metrics import correlations, output_distance
 from .problem import Batch, Problem, TimeBudgetExceeded
@@ -136,7 +137,7 @@ def ground_truth_summary(gt: GroundTruth, response: str) -> dict:
             "median_relative_gradient_norm": float(np.median(rel)),
             "max_relative_gradient_norm": float(rel.max()),
             "tolerance": cert.get("tolerance"),
-            "status_counts": {s: statuses.count(s) for s in sorted(set(statuses))},
+            "status_counts": status_counts(statuses),
             "untrusted": int(untrusted_rows(cert).sum()),
         })
     if "max_relative_residual" in cert:
@@ -157,7 +158,7 @@ def second_solve_summary(check: dict) -> dict:
     return {**check["summary"], "removed": [int(i) for i in check["removed"]], "method": cert["method"],
             "converged_fraction": float(np.mean(cert["converged"])),
             "max_relative_gradient_norm": float(np.max(cert["relative_gradient_norm"])),
-            "status_counts": {s: statuses.count(s) for s in sorted(set(statuses))}, "seconds": cert["seconds"]}
+            "status_counts": status_counts(statuses), "seconds": cert["seconds"]}
 
 
 class Session:
