@@ -180,6 +180,9 @@ def stacked_evaluations(problem: Problem, Delta: Tensor, eval_inputs: Tensor) ->
 _UNSET_IF_NONE = ("removed_chunk", "example_chunk", "n_second_solve")
 #: SolverSettings fields left out of the cache key while unset (likewise)
 _SOLVER_UNSET_IF_NONE = ("preconditioner_dtype",)
+#: fields that change only the PBRF solve's path, so only the PBRF's key (and its second
+#: solve's, through "first") holds them: the other responses keep theirs
+_PBRF_ONLY = ("preconditioner_dtype",)
 
 
 def status_counts(statuses: list[str]) -> dict[str, int]:
@@ -211,12 +214,15 @@ def n_second_solve(task: Task, scale: str) -> int:
 
 def response_fingerprint(task: Task, scale: str, response: str, settings: SolverSettings) -> dict:
     """What one response function's ground truth depends on (its cache key)."""
+    def keyed(k: str, v, unset_if_none: tuple) -> bool:
+        return not (k in unset_if_none and v is None) and (response == "pbrf" or k not in _PBRF_ONLY)
+
     return {
         "model": task.fingerprint(scale),
         "ground_truth": {k: v for k, v in dataclasses.asdict(task.ground_truth_config(scale)).items()
-                         if not (k in _UNSET_IF_NONE and v is None)},
+                         if keyed(k, v, _UNSET_IF_NONE + _PBRF_ONLY)},
         "solver": {k: v for k, v in dataclasses.asdict(settings).items()
-                   if not (k in _SOLVER_UNSET_IF_NONE and v is None)},
+                   if keyed(k, v, _SOLVER_UNSET_IF_NONE)},
         "response": response,
         "version": GROUND_TRUTH_VERSION,
         **({"retraining": retraining.RETRAINING_VERSION} if response in retraining.RESPONSES else {}),
@@ -232,7 +238,8 @@ def response_fingerprint(task: Task, scale: str, response: str, settings: Solver
 def solver_settings(task: Task, scale: str) -> SolverSettings:
     cfg = task.ground_truth_config(scale)
     return SolverSettings(dense_max_params=cfg.dense_max_params, linear_rtol=cfg.linear_rtol,
-                          pbrf_tol=cfg.pbrf_tol, pbrf_max_steps=cfg.pbrf_max_steps)
+                          pbrf_tol=cfg.pbrf_tol, pbrf_max_steps=cfg.pbrf_max_steps,
+                          preconditioner_dtype=cfg.preconditioner_dtype)
 
 
 class _LazyCurvature:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 MatVec = Callable[[Tensor], Tensor]  # (k, d) -> (k, d), symmetric positive definite
+RowMatVec = Callable[[Tensor, Tensor], Tensor]  # (V (a, d), rows (a,)) -> (a, d): row rows[i]'s operator on V[i]
 
 
 @dataclass(frozen=True)
@@ -42,42 +43,49 @@ def relative_residual(matvec: MatVec, X: Tensor, B: Tensor) -> Tensor:
     return torch.linalg.vector_norm(B - matvec(X), dim=-1) / bnorm
 
 
-def batched_cg(matvec: MatVec, B: Tensor, *, rtol: float, maxiter: int, X0: Tensor | None = None,
-               precondition: MatVec | None = None, true_residual: bool = True) -> tuple[Tensor, SolveInfo]:
+def batched_cg(matvec: MatVec | RowMatVec, B: Tensor, *, rtol: float, maxiter: int, X0: Tensor | None = None,
+               precondition: MatVec | RowMatVec | None = None, true_residual: bool = True, per_row: bool = False) -> tuple[Tensor, SolveInfo]:
     """Solve A X = B row by row with (preconditioned) conjugate gradients, all rows batched.
 
     A: symmetric positive definite, given as matvec on (k, d); precondition: M⁻¹ applied to
-    (k, d), M SPD (default identity). Rows that reach ‖r‖ ≤ rtol ‖b‖ stop moving.
+    (k, d), M SPD (default identity). Rows that reach ‖r‖ ≤ rtol ‖b‖ stop, and from then on
+    cost nothing: matvec and precondition are applied to the unconverged rows only (a, d).
+    per_row: the operator differs from row to row (the PBRF's, at each row's own θ); matvec and
+    precondition are then called as f(V, rows), V (a, d) holding rows `rows` (a,) of B.
     Returns X (k, d) and the true residual of every row (true_residual=False: the recursively
     updated residual instead, saving one product, for inexact inner solves checked elsewhere).
     """
-    M = precondition if precondition is not None else (lambda V: V)
+    if per_row:
+        A, M = matvec, precondition if precondition is not None else (lambda V, rows: V)
+    else:
+        A = lambda V, rows: matvec(V)
+        M = (lambda V, rows: precondition(V)) if precondition is not None else (lambda V, rows: V)
+    everything = torch.arange(B.shape[0], device=B.device)
     X = torch.zeros_like(B) if X0 is None else X0.clone()
-    R = B - matvec(X) if X0 is not None else B.clone()
-    Z = M(R)
-    P = Z.clone()
-    rz = _rowdot(R, Z)
+    R = B - A(X, everything) if X0 is not None else B.clone()
     target = (rtol * torch.linalg.vector_norm(B, dim=-1)) ** 2
-    active = _rowdot(R, R) > target
-    one = torch.ones_like(rz)
+    rows = everything[_rowdot(R, R) > target]  # the unconverged rows; P, Z, rz hold only those
+    Ra = R[rows]
+    P = M(Ra, rows)
+    rz = _rowdot(Ra, P)
     it = 0
-    while it < maxiter and bool(active.any()):
-        AP = matvec(P)
-        alpha = torch.where(active, rz / torch.where(active, _rowdot(P, AP), one), torch.zeros_like(rz))
-        X = X + alpha[:, None] * P
-        R = R - alpha[:, None] * AP
+    while it < maxiter and len(rows):
+        AP = A(P, rows)
+        alpha = rz / _rowdot(P, AP)
+        X.index_add_(0, rows, alpha[:, None] * P)
+        Ra = Ra - alpha[:, None] * AP
+        R[rows] = Ra
         it += 1
-        still = active & (_rowdot(R, R) > target)
+        still = _rowdot(Ra, Ra) > target[rows]
         if not bool(still.any()) or it == maxiter:  # the next direction would go unused
             break
-        Z = M(R)
-        rz_new = _rowdot(R, Z)
-        beta = torch.where(active, rz_new / torch.where(active, rz, one), torch.zeros_like(rz))
-        P = Z + beta[:, None] * P
+        rows, Ra, P, rz = rows[still], Ra[still], P[still], rz[still]
+        Z = M(Ra, rows)
+        rz_new = _rowdot(Ra, Z)
+        P = Z + (rz_new / rz)[:, None] * P
         rz = rz_new
-        active = still
     if true_residual:
-        res = relative_residual(matvec, X, B)
+        res = relative_residual(lambda V: A(V, everything), X, B)
     else:
         res = torch.linalg.vector_norm(R, dim=-1) / torch.linalg.vector_norm(B, dim=-1).clamp_min(
             torch.finfo(B.dtype).tiny)

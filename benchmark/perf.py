@@ -1,14 +1,14 @@
 """Speed benchmark of the ground-truth engine: the problem's operators and the PBRF solve.
 
-    python -m benchmark.perf --task mlp-mnist --scale cpu --removed 8 [--threads 1] [--operators-only]
-                             [--preconditioner-dtype float32]
+    python -m benchmark.perf --task mlp-mnist --scale cpu [--removed R] [--threads 1] [--operators-only]
+                             [--preconditioner-dtype float32|float64]
 
 Operators (over the N training examples, best of --repeats): forward, per-example gradients,
 one Gauss–Newton–vector product and the dense Gauss–Newton matrix, each also as a ratio to
 one plain forward + backward of the module over the N examples (ordinary autograd on the
 summed loss, the cheapest way to get a full-batch gradient).
-PBRF (skipped with --operators-only): the solve batched over removed examples vs one after
-another, seconds per removed example (also in full-batch gradients), and how close each comes
+PBRF (skipped with --operators-only): the solve batched over R removed examples (default: the
+task's own R at that scale, the batch its ground truth is solved in) vs one after another, seconds per removed example (also in full-batch gradients), and how close each comes
 to the machine's matrix-multiply floor: the time the solve's counted model evaluations would
 take at the matmul throughput measured here (a 2048×2048 product in the problem's dtype), with
 the cost model forward = 2d, gradient = 6d, Gauss–Newton–vector product = 10d flops per
@@ -85,7 +85,7 @@ def operators(problem: Problem, repeats: int, device: str) -> dict:
     return {"seconds": seconds, "ratio_to_forward_backward": {k: s / fb for k, s in seconds.items()}}
 
 
-def run(task_name: str, scale: str, n_removed: int, data_root: Path, cache_dir: Path | None, device: str,
+def run(task_name: str, scale: str, n_removed: int | None, data_root: Path, cache_dir: Path | None, device: str,
         repeats: int = 3, operators_only: bool = False, preconditioner_dtype: str | None = None) -> dict:
     task = get_task(task_name)
     problem = build_problem(task, scale, data_root, Cache(cache_dir), device)
@@ -93,14 +93,18 @@ def run(task_name: str, scale: str, n_removed: int, data_root: Path, cache_dir: 
               "device": device, "threads": torch.get_num_threads(),
               "matmul_gflops": matmul_gflops(problem.dtype, device)}
     result["operators"] = operators(problem, repeats, device)
-    settings = dataclasses.replace(solver_settings(task, scale), preconditioner_dtype=preconditioner_dtype)
+    settings = solver_settings(task, scale)
+    if preconditioner_dtype is not None:  # "float64": the problem's own dtype, no lowered copy
+        settings = dataclasses.replace(settings, preconditioner_dtype=None if preconditioner_dtype == "float64"
+                                       else preconditioner_dtype)
     start = time.perf_counter()
     curvature = DampedGaussNewton(problem, problem.weight_decay + problem.damping, settings)
     result["curvature_setup_seconds"] = time.perf_counter() - start
     result["curvature_method"] = curvature.method
-    result["preconditioner_dtype"] = preconditioner_dtype
+    result["preconditioner_dtype"] = settings.preconditioner_dtype or str(problem.dtype).removeprefix("torch.")
     if operators_only:
         return result
+    n_removed = n_removed or task.ground_truth_config(scale).n_removed
     removed = seeded_choice(problem.n_train, n_removed, seed=task.recipe(scale).seed + 2).to(problem.device)
     peak, fb = result["matmul_gflops"], result["operators"]["seconds"]["forward_backward"]
 
@@ -134,12 +138,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="mlp-mnist")
     parser.add_argument("--scale", default="cpu")
-    parser.add_argument("--removed", type=int, default=8)
+    parser.add_argument("--removed", type=int, default=None,
+                        help="removed examples solved together (default: the task's R at this scale)")
     parser.add_argument("--repeats", type=int, default=3, help="operator timings: best of this many calls")
     parser.add_argument("--operators-only", action="store_true", help="skip the (slow) PBRF solves")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--preconditioner-dtype", default=None, choices=["float32"],
-                        help="SolverSettings.preconditioner_dtype of the PBRF solve (default: the problem's dtype)")
+    parser.add_argument("--preconditioner-dtype", default=None, choices=["float32", "float64"],
+                        help="the dense factor in the PBRF solve's preconditioner (default: the task's "
+                             "GroundTruthConfig.preconditioner_dtype, else the problem's dtype)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--cache-dir", type=Path, default=None)

@@ -109,9 +109,10 @@ class _LeaveOneOutPreconditioner:
 
     def rows(self, idx: Tensor) -> "_LeaveOneOutPreconditioner":
         """The preconditioner of the removed examples idx (r,) only."""
+        if self.dense is None or len(idx) == len(self.U):  # idx: sorted distinct rows, so all of them
+            return self
         sub = copy.copy(self)
-        if self.dense is not None:
-            sub.U, sub.PinvU, sub.capacitance = self.U[idx], self.PinvU[idx], self.capacitance[idx]
+        sub.U, sub.PinvU, sub.capacitance = self.U[idx], self.PinvU[idx], self.capacitance[idx]
         return sub
 
     def solve(self, V: Tensor) -> Tensor:
@@ -141,6 +142,8 @@ class PBRFObjective:
 
     def rows(self, idx: Tensor) -> "PBRFObjective":
         """J_m of the removed examples idx (r,) only (the stored base outputs shared)."""
+        if len(idx) == len(self.x_m):  # idx: sorted distinct rows, so all of them
+            return self
         sub = copy.copy(self)
         sub.x_m, sub.t_m = self.x_m[idx], self.t_m[idx]
         return sub
@@ -308,21 +311,24 @@ def pbrf(problem: Problem, removed: Tensor, curvature: DampedGaussNewton) -> tup
         D, J_a, g_a, rel_a = Delta[rows], J[rows], g[rows], rel[rows]
         thetas = problem.params + D
         forcing = float(rel_a.max().sqrt().clamp(max=0.1))
-        direction, info = batched_cg(lambda V: obj.gauss_newton(thetas, V), -g_a,
+        direction, info = batched_cg(lambda V, r: obj.rows(r).gauss_newton(thetas[r], V), -g_a,
                                      rtol=forcing, maxiter=settings.inner_maxiter,
-                                     precondition=pre.solve if pre.dense is not None else None,
-                                     true_residual=False)
+                                     precondition=(lambda V, r: pre.rows(r).solve(V)) if pre.dense is not None else None,
+                                     true_residual=False, per_row=True)
         inner_iterations += info.iterations
         if first_step is None:
             first_step = torch.zeros_like(rel).index_copy(0, rows, torch.linalg.vector_norm(direction, dim=-1))
         slope = (g_a * direction).sum(1)
         t = torch.ones_like(rel_a)
+        ok = torch.zeros_like(rel_a, dtype=torch.bool)
+        J_trial, g_trial, rel_trial = J_a.clone(), g_a.clone(), rel_a.clone()
         for _halving in range(20):
-            J_trial, g_trial = obj.value_and_gradient(D + t[:, None] * direction)
-            rel_trial = torch.linalg.vector_norm(g_trial, dim=-1) / scale[rows]
-            armijo = J_trial <= J_a + 1e-4 * t * slope
-            flat = ((J_trial - J_a).abs() <= rounding) & (rel_trial < rel_a)
-            ok = armijo | flat
+            todo = (~ok).nonzero().flatten()  # rows whose step is not yet accepted: only they are evaluated
+            J_t, g_t = obj.rows(todo).value_and_gradient(D[todo] + t[todo, None] * direction[todo])
+            rel_t = torch.linalg.vector_norm(g_t, dim=-1) / scale[rows[todo]]
+            armijo = J_t <= J_a[todo] + 1e-4 * t[todo] * slope[todo]
+            flat = ((J_t - J_a[todo]).abs() <= rounding) & (rel_t < rel_a[todo])
+            J_trial[todo], g_trial[todo], rel_trial[todo], ok[todo] = J_t, g_t, rel_t, armijo | flat
             if bool(ok.all()):
                 break
             t = torch.where(ok, t, t / 2)

@@ -76,7 +76,9 @@ class GroundTruthConfig:
     key only when set, so existing keys are unchanged. n_second_solve: the PBRF of this many
     removed examples is solved a second, independent way, the ground truth's error bar
     (benchmark.second_solve; None: the harness default per scale, 4 at smoke and 8 otherwise;
-    0: none); also in the key only when set.
+    0: none); also in the key only when set. preconditioner_dtype: the dense factor inside the
+    PBRF solve's preconditioner in this dtype ("float32"; None: the problem's), see
+    benchmark.responses.SolverSettings; in the PBRF's key only, and only when set.
     """
 
     n_removed: int
@@ -89,6 +91,7 @@ class GroundTruthConfig:
     removed_chunk: int | None = None
     example_chunk: int | None = None
     n_second_solve: int | None = None
+    preconditioner_dtype: str | None = None
 
 
 @dataclass(frozen=True)

@@ -279,6 +279,28 @@ def test_batched_cg_warm_start_and_rows_independent(spd):
     torch.testing.assert_close(Xb, Xs, rtol=1e-9, atol=1e-11)
 
 
+def test_batched_cg_per_row_operators_compute_only_unconverged_rows():
+    """per_row: row r is solved with its own matrix A_r (and preconditioner); each row's
+    answer is that of its own system, and a row stops costing products once it converges."""
+    d, k = 40, 4
+    As = torch.stack([random_spd(d, cond=10.0 ** (1 + r)) for r in range(k)])  # row 0 easiest
+    B = torch.randn(k, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    seen = []
+
+    def matvec(V, rows):
+        seen.append(rows.clone())
+        return torch.einsum("rde,re->rd", As[rows], V)
+
+    jacobi = lambda V, rows: V / torch.diagonal(As[rows], dim1=1, dim2=2)
+    X, info = batched_cg(matvec, B, rtol=1e-12, maxiter=500, precondition=jacobi, per_row=True)
+    expected = torch.linalg.solve(As, B.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(X, expected, rtol=1e-8, atol=1e-10)
+    assert info.converged and float(info.relative_residual.max()) <= 1e-11
+    sizes = [len(r) for r in seen[:-1]]  # the last call is the true-residual check, all rows
+    assert sizes[0] == k and sizes[-1] < k and sizes == sorted(sizes, reverse=True)
+    assert len(seen[-1]) == k
+
+
 def test_cholesky_solver(spd):
     A, B = spd
     solver = CholeskySolver(A)

@@ -60,6 +60,25 @@ def test_default_settings_keep_the_cache_key():
     assert low["solver"]["preconditioner_dtype"] == "float32"
 
 
+def test_task_preconditioner_dtype_keys_the_pbrf_only():
+    """A task's GroundTruthConfig.preconditioner_dtype reaches the PBRF solve and its cache key
+    (and so the second solve's, through "first"), and no other response's: the linearized PBRF
+    and the retrainings never use the preconditioner, so their cached values stay valid."""
+    task = get_task("mlp-mnist")
+    settings = solver_settings(task, "cpu")
+    assert settings.preconditioner_dtype == "float32"
+    pbrf_key = response_fingerprint(task, "cpu", "pbrf", settings)
+    assert pbrf_key["solver"]["preconditioner_dtype"] == "float32"
+    assert pbrf_key["ground_truth"]["preconditioner_dtype"] == "float32"
+    for other in ("linear", "cold", "pbrf-epochs"):
+        key = response_fingerprint(task, "cpu", other, settings)
+        assert "preconditioner_dtype" not in key["solver"] and "preconditioner_dtype" not in key["ground_truth"]
+    float64 = dataclasses.replace(settings, preconditioner_dtype=None)
+    assert response_fingerprint(task, "cpu", "linear", float64) == response_fingerprint(task, "cpu", "linear", settings)
+    assert response_fingerprint(task, "cpu", "pbrf-check", float64) != \
+        response_fingerprint(task, "cpu", "pbrf-check", settings)
+
+
 def test_cg_recursive_residual_same_iterates():
     """true_residual=False returns the same X and iterations, and a residual that matches the
     true one to rounding (well-conditioned system)."""
