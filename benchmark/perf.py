@@ -11,8 +11,10 @@ PBRF (skipped with --operators-only): the solve batched over R removed examples 
 task's own R at that scale, the batch its ground truth is solved in) vs one after another, seconds per removed example (also in full-batch gradients), and how close each comes
 to the machine's matrix-multiply floor: the time the solve's counted model evaluations would
 take at the matmul throughput measured here (a 2048×2048 product in the problem's dtype), with
-the cost model forward = 2d, gradient = 6d, Gauss–Newton–vector product = 10d flops per
-example and vector. Numbers are machine-dependent; the ratios are what to compare.
+the cost model gradient = 3, Gauss–Newton–vector product = 5, Hessian–vector product = 7
+forward passes per example and vector, and a forward pass's flops counted by torch's
+FlopCounterMode (2d for an MLP; a convolution reuses its weights at every position, so a CNN's
+forward pass costs many times 2d). Numbers are machine-dependent; the ratios are what to compare.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from .ground_truth import build_problem, seeded_choice, solver_settings
 from .problem import Problem
 from .responses import DampedGaussNewton, pbrf
 
-FLOPS_PER_EVALUATION = {"forward": 2, "gradient": 6, "gnvp": 10, "hvp": 14}  # × d
+FORWARDS_PER_EVALUATION = {"forward": 1, "gradient": 3, "gnvp": 5, "hvp": 7}  # per example and vector
 
 
 def matmul_gflops(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5) -> float:
@@ -43,8 +45,19 @@ def matmul_gflops(dtype: torch.dtype, device: str, n: int = 2048, repeats: int =
     return 2 * n ** 3 / best_seconds(lambda: a @ a, repeats, device) / 1e9
 
 
-def model_flops(counts: dict, d: int) -> float:
-    return sum(FLOPS_PER_EVALUATION.get(k, 0) * v for k, v in counts.items()) * d
+def forward_flops_per_example(problem: Problem, n: int = 8) -> float:
+    """Flops of one forward pass f(θˢ, x) per example, counted by torch's FlopCounterMode
+    (matrix products and convolutions) over n training inputs."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = problem.train.inputs[:n]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        problem.model(problem.params, x)
+    return counter.get_total_flops() / len(x)
+
+
+def model_flops(counts: dict, forward_flops: float) -> float:
+    """Flops of the counted evaluations (kind -> examples × vectors) at forward_flops a forward."""
+    return sum(FORWARDS_PER_EVALUATION.get(k, 0) * v for k, v in counts.items()) * forward_flops
 
 
 def best_seconds(fn: Callable[[], object], repeats: int, device: str) -> float:
@@ -91,8 +104,14 @@ def run(task_name: str, scale: str, n_removed: int | None, data_root: Path, cach
     problem = build_problem(task, scale, data_root, Cache(cache_dir), device)
     result = {"task": task_name, "scale": scale, "n_params": problem.n_params, "n_train": problem.n_train,
               "device": device, "threads": torch.get_num_threads(),
-              "matmul_gflops": matmul_gflops(problem.dtype, device)}
+              "matmul_gflops": matmul_gflops(problem.dtype, device),
+              "forward_flops_per_example": forward_flops_per_example(problem)}
+    result["forward_flops_per_example_in_2d"] = result["forward_flops_per_example"] / (2 * problem.n_params)
     result["operators"] = operators(problem, repeats, device)
+    forwards = {"forward": 1, "forward_backward": 3, "gradients": 3, "gnvp": 5, "gnvp_8_vectors": 40}
+    result["operators"]["fraction_of_matmul_floor"] = {
+        k: forwards[k] * problem.n_train * result["forward_flops_per_example"] / 1e9 / result["matmul_gflops"] / s
+        for k, s in result["operators"]["seconds"].items()}
     settings = solver_settings(task, scale)
     if preconditioner_dtype is not None:  # "float64": the problem's own dtype, no lowered copy
         settings = dataclasses.replace(settings, preconditioner_dtype=None if preconditioner_dtype == "float64"
@@ -114,7 +133,7 @@ def run(task_name: str, scale: str, n_removed: int | None, data_root: Path, cach
         solved = [pbrf(problem, r, curvature) for r in rows]
         seconds = time.perf_counter() - start
         counts = dict(problem.counter.counts)
-        return seconds, model_flops(counts, problem.n_params), counts, solved
+        return seconds, model_flops(counts, result["forward_flops_per_example"]), counts, solved
 
     batched_s, batched_flops, batched_counts, ((batched, certificate),) = timed([removed])
     seq_s, seq_flops, _, seq = timed([removed[i:i + 1] for i in range(len(removed))])
