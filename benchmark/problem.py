@@ -204,10 +204,10 @@ class Problem:
     def _theta(self, params: Tensor | None) -> Tensor:
         return self.params if params is None else params
 
-    def _chunks(self, batch: Batch):
-        for start in range(0, len(batch), self.chunk_size):
-            yield Batch(batch.inputs[start:start + self.chunk_size],
-                        batch.targets[start:start + self.chunk_size])
+    def _chunks(self, batch: Batch, size: int | None = None):
+        size = size or self.chunk_size
+        for start in range(0, len(batch), size):
+            yield Batch(batch.inputs[start:start + size], batch.targets[start:start + size])
 
     # ---- library access ----------------------------------------------------------------------
     def module(self) -> nn.Module:
@@ -312,6 +312,11 @@ class Problem:
         lam = self.damping if damping is None else damping
         return self.gnvp(vectors) + (self.weight_decay + lam) * vectors
 
+    #: gauss_newton_matrix builds the per-example Jacobians (n, C, d) for at most this many numbers
+    #: at a time (1 GiB in float64): an autoencoder's C = 196 outputs at d = 14k would otherwise
+    #: need 22 GB for 1,000 examples
+    JACOBIAN_MAX_NUMBERS = 2 ** 27
+
     def gauss_newton_matrix(self, batch: Batch | None = None, params: Tensor | None = None) -> Tensor:
         """The dense G (d, d) over `batch` (default: training set). Costs n·C·d² flops."""
         theta = self._theta(params)
@@ -319,7 +324,8 @@ class Problem:
         d = theta.numel()
         self.counter.add("gnvp", len(batch) * d)  # equivalent to d products
         G = torch.zeros(d, d, dtype=theta.dtype, device=theta.device)
-        for c in self._chunks(batch):
+        n_outputs = self.model(theta, batch.inputs[:1]).numel()
+        for c in self._chunks(batch, max(1, min(self.chunk_size, self.JACOBIAN_MAX_NUMBERS // (n_outputs * d)))):
             J = vmap(jacrev(lambda th, x: self.model(th, x.unsqueeze(0))[0]), in_dims=(None, 0))(theta, c.inputs)
             out = self.model(theta, c.inputs).detach()
             H = output_hessians(self.loss, out, c.targets)  # (n, C, C)

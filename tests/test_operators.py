@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.autograd.functional import hessian, jacobian
 
 from benchmark.linalg import CholeskySolver, add_gram_, batched_cg, relative_residual
-from benchmark.problem import Batch, EvaluationCounter, output_hessians, psd_sqrt
+from benchmark.problem import Batch, EvaluationCounter, Problem, output_hessians, psd_sqrt
 
 SIZES = (5, 4, 4, 3)
 N = 20
@@ -343,6 +343,20 @@ def test_gauss_newton_matrix_blocked_gram(problem, reference, monkeypatch):
     import benchmark.linalg as linalg
     monkeypatch.setattr(linalg.add_gram_, "__defaults__", (5,))
     torch.testing.assert_close(problem.gauss_newton_matrix(), reference["G"], rtol=1e-10, atol=1e-12)
+
+
+def test_gauss_newton_matrix_in_memory_bounded_chunks(problem, reference, monkeypatch):
+    """With the Jacobian budget below one chunk's n·C·d numbers, G is accumulated over smaller
+    chunks of examples (down to one at a time) and stays the same."""
+    seen = []
+    real = Problem._chunks
+    monkeypatch.setattr(Problem, "_chunks", lambda self, batch, size=None: seen.append(size) or real(self, batch, size))
+    C = problem.outputs(problem.train.inputs[:1]).numel()
+    for budget, rows in ((3 * C * problem.n_params, 3), (1, 1)):
+        seen.clear()
+        monkeypatch.setattr(Problem, "JACOBIAN_MAX_NUMBERS", budget)
+        torch.testing.assert_close(problem.gauss_newton_matrix(), reference["G"], rtol=1e-10, atol=1e-12)
+        assert seen == [rows]
 
 
 def test_pbrf_objective_recomputes_base_outputs_when_too_large(mlp, monkeypatch):
