@@ -17,6 +17,7 @@ code that uses them should report its own work with `problem.counter.add(kind, n
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from .linalg import add_gram_
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+log = logging.getLogger("ifbench")
 
 
 class Batch(NamedTuple):
@@ -325,6 +327,8 @@ class Problem:
         self.counter.add("gnvp", len(batch) * d)  # equivalent to d products
         G = torch.zeros(d, d, dtype=theta.dtype, device=theta.device)
         n_outputs = self.model(theta, batch.inputs[:1]).numel()
+        start = last = time.perf_counter()
+        done = 0
         for c in self._chunks(batch, max(1, min(self.chunk_size, self.JACOBIAN_MAX_NUMBERS // (n_outputs * d)))):
             J = vmap(jacrev(lambda th, x: self.model(th, x.unsqueeze(0))[0]), in_dims=(None, 0))(theta, c.inputs)
             out = self.model(theta, c.inputs).detach()
@@ -332,6 +336,11 @@ class Problem:
             root = psd_sqrt(H, drop_null=True)  # H = R Rᵀ, R (n, C, rank)
             A = torch.einsum("ncd,nce->ned", J.detach(), root)  # rows Rᵀ J
             add_gram_(G, A.reshape(-1, d))
+            done += len(c)
+            if time.perf_counter() - last > 10 and done < len(batch):  # progress of a long build only
+                last, elapsed = time.perf_counter(), time.perf_counter() - start
+                log.info("%s dense Gauss-Newton matrix (d = %d): %d/%d examples, %.0f s, about %.0f s left",
+                         self.task, d, done, len(batch), elapsed, elapsed * (len(batch) - done) / done)
         return G / len(batch)
 
 

@@ -359,6 +359,24 @@ def test_gauss_newton_matrix_in_memory_bounded_chunks(problem, reference, monkey
         assert seen == [rows]
 
 
+def test_gauss_newton_matrix_reports_progress_of_a_long_build(problem, monkeypatch, caplog):
+    """A build taking more than 10 s between chunks logs examples done, elapsed and remaining
+    time on the "ifbench" logger (shown live by the pytest plugin); a quick one stays silent."""
+    import itertools
+    import logging
+    import benchmark.problem as problem_mod
+    monkeypatch.setattr(Problem, "JACOBIAN_MAX_NUMBERS", 1)  # one example per chunk
+    with caplog.at_level(logging.INFO, logger="ifbench"):
+        problem.gauss_newton_matrix()
+        assert not caplog.records
+        clock = itertools.count(0, 11)  # every call of the clock: 11 s later
+        monkeypatch.setattr(problem_mod.time, "perf_counter", lambda: float(next(clock)))
+        problem.gauss_newton_matrix()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines and all("dense Gauss-Newton matrix" in m and "s left" in m for m in lines)
+    assert f"1/{problem.n_train} examples" in lines[0]
+
+
 def test_pbrf_objective_recomputes_base_outputs_when_too_large(mlp, monkeypatch):
     """Above STORE_BASE_OUTPUTS_MAX numbers the PBRF objective recomputes f(θˢ, x) per chunk
     instead of storing it (a language model's logits): the same values and gradients."""
