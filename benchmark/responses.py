@@ -244,7 +244,8 @@ def pbrf_epochs(problem: Problem, removed: Tensor, recipe: Recipe) -> tuple[Tens
     R = len(removed)
     ones = torch.ones(R, p.n_train, dtype=p.dtype, device=p.device)
     thetas = sgd(p.model, p.loss, p.train, base.expand(R, -1).clone(), recipe, weights=ones, epochs=epochs,
-                 objective=batch_pbrf, row_data=(p.train.inputs[removed], p.train.targets[removed]))
+                 objective=batch_pbrf, row_data=(p.train.inputs[removed], p.train.targets[removed]),
+                 progress=f"{p.task} pbrf-epochs, {R} rows")
     p.counter.add("gradient", epochs * (p.n_train + 1) * R)
     if not torch.isfinite(thetas).all():
         raise FloatingPointError(f"pbrf-epochs diverged (non-finite parameters) on {p.task}; recipe {recipe}")

@@ -205,7 +205,8 @@ def retrain(problem: Problem, removed: Tensor, recipe: Recipe, kind: str, *, tol
     }
     if recipe.optimizer in ("sgd", "adam"):
         thetas = sgd(problem.model, problem.loss, problem.train, start.expand(rows, -1).clone(), recipe,
-                     weights=W, epochs=epochs, proximal=proximal)
+                     weights=W, epochs=epochs, proximal=proximal,
+                     progress=f"{problem.task} {kind} retraining of {rows} rows")
         certificate.update({"epochs": epochs, "batch_size": recipe.batch_size or problem.n_train,
                             "batch_order": "the recipe's seed; a removed example is left out of its minibatch"})
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in problem.model.module.modules()):

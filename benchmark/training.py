@@ -14,6 +14,7 @@ with convolutions take the same unvmapped loop for speed (train and eval mode ag
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -25,6 +26,10 @@ from torch.func import functional_call, grad, vmap
 from tasks.base import Recipe
 
 from .problem import Batch, FunctionalModel
+
+log = logging.getLogger("ifbench")
+#: sgd(progress=...) logs a line at most this often (seconds)
+PROGRESS_EVERY = 10.0
 
 
 @dataclass(frozen=True)
@@ -161,7 +166,8 @@ BatchObjective = Callable[..., Tensor]
 def sgd(model: FunctionalModel, loss, data: Batch, theta: Tensor, recipe: Recipe, *,
         weights: Tensor | None = None, epochs: int | None = None, seed: int | None = None,
         proximal: tuple[float, Tensor] | None = None, on_epoch_end: EpochEnd | None = None,
-        objective: BatchObjective | None = None, row_data: tuple[Tensor, ...] = ()) -> Tensor:
+        objective: BatchObjective | None = None, row_data: tuple[Tensor, ...] = (),
+        progress: str | None = None) -> Tensor:
     """Minibatch SGD (with the recipe's momentum, learning-rate steps and weight decay), or Adam
     when recipe.optimizer == "adam". The model is evaluated in eval mode (buffers frozen).
 
@@ -170,6 +176,8 @@ def sgd(model: FunctionalModel, loss, data: Batch, theta: Tensor, recipe: Recipe
     called after every epoch (θ of theta's shape). Returns θ of theta's shape.
     objective: replaces the training objective (and `proximal`) by objective(θ_r, w_r[batch],
     x_batch, t_batch, *row_data_r), with row_data (R, ...) tensors vmapped along the rows.
+    progress: a label; a run that lasts logs "label: epoch e/E, elapsed, estimate" on the
+    "ifbench" logger every PROGRESS_EVERY seconds.
     """
     stacked = theta.dim() == 2
     theta = theta if stacked else theta.unsqueeze(0)
@@ -190,10 +198,16 @@ def sgd(model: FunctionalModel, loss, data: Batch, theta: Tensor, recipe: Recipe
     update = _Update(recipe, theta)
     theta = theta.clone()
     shaped = (lambda: theta) if stacked else (lambda: theta[0])
+    start = last = time.perf_counter()
     for epoch, idx in _epochs(n, recipe.batch_size or n, epochs, seed, on_epoch_end, shaped):
         idx = idx.to(data.inputs.device)
         g = step(theta, weights[:, idx], data.inputs[idx], data.targets[idx], *row_data)
         theta = update(theta, g, epoch)
+        if progress is not None and time.perf_counter() - last > PROGRESS_EVERY:
+            last = time.perf_counter()
+            elapsed = last - start
+            log.info("%s: epoch %d/%d, %.0f s, about %.0f s left", progress, epoch + 1, epochs, elapsed,
+                     elapsed * (epochs - epoch - 1) / (epoch + 1))
     return theta if stacked else theta[0]
 
 

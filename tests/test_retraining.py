@@ -273,3 +273,25 @@ def test_compute_response_dispatch(ridge):
         compute_response(p, "warm", REMOVED, eval_idx, curvature)
     with pytest.raises(KeyError, match="unknown response"):
         compute_response(p, "hot", REMOVED, eval_idx, curvature, recipe)
+
+
+def test_sgd_progress_lines(mlp, monkeypatch, caplog):
+    """sgd(progress=label) logs "label: epoch e/E, elapsed, estimate" once PROGRESS_EVERY seconds
+    have passed (here every step: a fake clock 11 s per call); without a label it logs nothing."""
+    import itertools
+    import logging
+
+    import benchmark.training as training_mod
+    from benchmark.training import sgd
+    from tasks.base import Recipe
+    problem = mlp()
+    recipe = Recipe("sgd", epochs=3, batch_size=10, lr=0.01, seed=0)  # 2 steps an epoch
+    clock = itertools.count(0, 11)
+    monkeypatch.setattr(training_mod.time, "perf_counter", lambda: float(next(clock)))
+    with caplog.at_level(logging.INFO, logger="ifbench"):
+        sgd(problem.model, problem.loss, problem.train, problem.params, recipe)
+        assert not caplog.records
+        sgd(problem.model, problem.loss, problem.train, problem.params, recipe, progress="toy retraining")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 6 and lines[0].startswith("toy retraining: epoch 1/3, ") and "s left" in lines[0]
+    assert lines[-1].startswith("toy retraining: epoch 3/3, ") and lines[-1].endswith("about 0 s left")
