@@ -42,7 +42,7 @@ from estimators import DEFAULT_ESTIMATORS
 from tasks import SCALES, TASKS, default_tasks
 
 from .cache import TaskResultFiles
-from .ground_truth import SECOND_SOLVE
+from .ground_truth import PBRF_EPOCHS, SECOND_SOLVE
 from .metrics import correlations, output_distance
 from .runner import (MIN_TRUSTED_REMOVED, REPO, NoGroundTruth, Session, Settings, git_commit, second_solve_summary,
                      untrusted_rows)
@@ -120,6 +120,13 @@ def _list(values: np.ndarray) -> list[float]:
     return [float(v) for v in np.asarray(values, dtype=float)]
 
 
+def pbrf_response(session: Session, task_name: str) -> str:
+    """The response that stands for the PBRF in the decomposition: the rows' ground truth where it
+    is `pbrf-epochs` (the batch-norm nets, whose θˢ is a saddle of the PBRF: no minimiser to
+    solve for; the paper's own PBRF there is this protocol), else the PBRF's minimiser."""
+    return PBRF_EPOCHS if session.ground_truth_of(task_name) == PBRF_EPOCHS else "pbrf"
+
+
 def decompose(session: Session, task_name: str, estimators=DEFAULT_ESTIMATORS) -> dict:
     """Gaps, drift, Table 2 and certificates of one task, as plain JSON-serialisable numbers.
 
@@ -128,13 +135,14 @@ def decompose(session: Session, task_name: str, estimators=DEFAULT_ESTIMATORS) -
     already scored in this session, else fitted now). Raises NoGroundTruth when fewer than
     MIN_TRUSTED_REMOVED removed examples are trusted, or when a retraining diverges."""
     problem, gt, _ = session.task_state(task_name)
-    bad = untrusted_rows(gt.response("pbrf")["certificate"])
+    pbrf_name = pbrf_response(session, task_name)
+    bad = untrusted_rows(gt.response(pbrf_name)["certificate"])
     keep = ~bad if bad.size else np.ones(len(gt.removed), dtype=bool)
     if keep.sum() < MIN_TRUSTED_REMOVED:
         raise NoGroundTruth(f"only {int(keep.sum())} of {len(gt.removed)} removed examples have a trusted PBRF "
                             f"solution at {session.settings.scale} scale: no decomposition")
     try:
-        outputs = {n: gt.response(n)["outputs"].numpy()[keep] for n in RESPONSE_NAMES}
+        outputs = {n: gt.response(pbrf_name if n == "pbrf" else n)["outputs"].numpy()[keep] for n in RESPONSE_NAMES}
     except FloatingPointError as exc:  # a retraining diverged: that response does not exist here
         raise NoGroundTruth(f"no retraining response at {session.settings.scale} scale: {exc}") from exc
     base = gt.base_outputs.numpy()[None]
@@ -171,11 +179,12 @@ def decompose(session: Session, task_name: str, estimators=DEFAULT_ESTIMATORS) -
             row["error"] = e.get("error")
         else:
             for truth in TABLE2_TRUTHS:
-                c = correlations(e["scores"][:, keep], gt.scores(truth).numpy()[:, keep], seed=problem.seed)
+                c = correlations(e["scores"][:, keep], gt.scores(pbrf_name if truth == "pbrf" else truth).numpy()[:, keep],
+                                 seed=problem.seed)
                 row[truth] = [c["pearson"], c["spearman"]]
         table2.append(row)
     certificates = {}
-    for n in RESPONSE_NAMES:
+    for n in (pbrf_name if n == "pbrf" else n for n in RESPONSE_NAMES):
         cert = gt.response(n)["certificate"]
         rel = np.asarray(cert.get("relative_gradient_norm", []), dtype=float)
         converged = cert.get("converged")
@@ -193,7 +202,7 @@ def decompose(session: Session, task_name: str, estimators=DEFAULT_ESTIMATORS) -
             "median_rel_grad": float(np.median(cert["relative_gradient_norm"])), "length": cert["iterations"]}
     return {"task": task_name, "scale": session.settings.scale, "n_train": problem.n_train,
             "n_params": problem.n_params, "n_removed": len(gt.removed), "n_trusted": int(keep.sum()),
-            "n_eval": len(gt.eval_idx), "n_query": len(problem.query),
+            "n_eval": len(gt.eval_idx), "n_query": len(problem.query), "pbrf_response": pbrf_name,
             "effect": _list(output_distance(base, outputs["pbrf"])), "gaps": gaps, "drift": drift,
             "table2": table2, "certificates": certificates, "second_solve": second,
             "provenance": {"commit": git_commit(), "torch": torch.__version__, "device": session.settings.device,
@@ -302,6 +311,10 @@ def task_markdown(r: dict, figure: str | None) -> str:
              + (f" ({left_out} left out: no local PBRF solution)" if left_out else "")
              + f", {r['n_query']} queries, outputs on {r['n_eval']} training inputs. "
              f"Size of the effect d(θˢ, PBRF) = {_pm(r['effect'])}.", ""]
+    if r.get("pbrf_response", "pbrf") != "pbrf":
+        lines += [f"The PBRF here is `{r['pbrf_response']}`, this task's ground truth (the base optimizer on the "
+                  "PBRF objective from θˢ for half the base epochs, the paper's §6 protocol), not a minimiser: "
+                  "θˢ is a saddle of this net's PBRF at this scale.", ""]
     relative = relative_gaps(r)
     rows = []
     for g in r["gaps"]:

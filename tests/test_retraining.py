@@ -295,3 +295,32 @@ def test_sgd_progress_lines(mlp, monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 6 and lines[0].startswith("toy retraining: epoch 1/3, ") and "s left" in lines[0]
     assert lines[-1].startswith("toy retraining: epoch 3/3, ") and lines[-1].endswith("about 0 s left")
+
+
+@pytest.mark.skipif(not (__import__("tasks.data", fromlist=["x"]).default_data_root() / "uci").exists(),
+                    reason="UCI data not staged (.ci/setup stages it)")
+def test_decomposition_stands_pbrf_epochs_in_for_the_pbrf(tmp_path):
+    """Where the rows are scored against pbrf-epochs (the batch-norm nets' default: no PBRF
+    minimiser exists there), the decomposition's PBRF is that response: its effect, its gaps and
+    Table 2's PBRF column come from pbrf-epochs, and the result says so."""
+    import numpy as np
+
+    from benchmark.decomposition import decompose, task_markdown
+    from benchmark.metrics import correlations, output_distance
+    from benchmark.runner import Session, Settings
+    from tasks.data import default_data_root
+    session = Session(Settings(scale="smoke", cache_dir=tmp_path / "cache", data_root=default_data_root(),
+                               ground_truth="pbrf-epochs"))
+    r = decompose(session, "mlp-concrete", ["exact"])
+    assert r["pbrf_response"] == "pbrf-epochs" and "pbrf-epochs" in r["certificates"]
+    problem, gt, _ = session.task_state("mlp-concrete")
+    epochs = gt.response("pbrf-epochs")
+    keep = ~untrusted_rows(epochs["certificate"]) if untrusted_rows(epochs["certificate"]).size \
+        else np.ones(len(gt.removed), dtype=bool)
+    effect = output_distance(gt.base_outputs.numpy()[None], epochs["outputs"].numpy()[keep])
+    np.testing.assert_allclose(r["effect"], effect, rtol=1e-12)
+    exact = next(t for t in r["table2"] if t["estimator"] == "exact")
+    scores = session.estimate("mlp-concrete", "exact")["scores"]
+    c = correlations(scores[:, keep], epochs["scores"].numpy()[:, keep], seed=problem.seed)
+    assert exact["pbrf"] == [c["pearson"], c["spearman"]]
+    assert "The PBRF here is `pbrf-epochs`" in task_markdown(r, None)
