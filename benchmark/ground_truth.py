@@ -26,10 +26,10 @@ from torch.func import vmap
 
 from tasks.base import Recipe, Task
 
-from . import retraining, second_solve
+from . import retraining, second_solve, training
 from .cache import Cache, content_key
 from .problem import Batch, FunctionalModel, Problem
-from .responses import (PBRF_EPOCHS_STABLE_FRACTION, DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf,
+from .responses import (DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf,
                         pbrf_epochs)
 from .second_solve import SecondSolveSettings, disagreement, second_pbrf
 from .training import Checkpoint, train, training_checkpoints
@@ -226,7 +226,10 @@ def response_fingerprint(task: Task, scale: str, response: str, settings: Solver
         "response": response,
         "version": GROUND_TRUTH_VERSION,
         **({"retraining": retraining.RETRAINING_VERSION} if response in retraining.RESPONSES else {}),
-        **({"pbrf_epochs": {"second_runs": n_second_solve(task, scale), "stable_fraction": PBRF_EPOCHS_STABLE_FRACTION}}
+        **({"stable_fraction": training.STABLE_FRACTION}
+           if task.batch_norm and response in retraining.RESPONSES and retraining.RESPONSES[response][0] != "cold"
+           else {}),
+        **({"pbrf_epochs": {"second_runs": n_second_solve(task, scale), "stable_fraction": training.STABLE_FRACTION}}
            if response == PBRF_EPOCHS else {}),
         **({"second_solve": {"n": n_second_solve(task, scale), "settings": dataclasses.asdict(SECOND_SOLVE_SETTINGS),
                              "version": second_solve.VERSION,

@@ -11,7 +11,6 @@ All R removed examples are solved together: every product is vmapped over the st
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -22,9 +21,9 @@ from torch.func import grad, vmap
 
 from tasks.base import Recipe
 
-from .linalg import CholeskySolver, SolveInfo, batched_cg, top_eigenvalue
+from .linalg import CholeskySolver, SolveInfo, batched_cg
 from .problem import Batch, Problem, output_hessians, psd_sqrt
-from .training import sgd
+from .training import sgd, stable_sgd_recipe
 
 log = logging.getLogger("ifbench")
 
@@ -192,10 +191,6 @@ class PBRFObjective:
         return (data + self.mu * V - p.epsilon * own).detach()
 
 
-#: pbrf_epochs' SGD runs at most this fraction of heavy-ball's stability limit 2(1 + β)/L
-PBRF_EPOCHS_STABLE_FRACTION = 0.5
-
-
 def pbrf_epochs(problem: Problem, removed: Tensor, recipe: Recipe) -> tuple[Tensor, dict]:
     """The paper's own PBRF protocol (§6): the base recipe's optimizer on J_m from Δ = 0 for
     K = half the base epochs (the first K epochs of its batch order and learning-rate schedule,
@@ -217,7 +212,8 @@ def pbrf_epochs(problem: Problem, removed: Tensor, recipe: Recipe) -> tuple[Tens
     + μ at θˢ, 30 power iterations) that limit is 0.009 for VGG13-MNIST and 0.026 for
     ResNet-8-MNIST against the recipe's 0.05 (LeNet: 0.12), where the run diverged to
     non-finite parameters. So for SGD the whole learning-rate schedule is scaled by
-    min(1, STABLE_FRACTION · 2(1 + β) / (L · lr)); the certificate gives L, the factor and the lr.
+    min(1, STABLE_FRACTION · 2(1 + β) / (L · lr)) (training.stable_sgd_recipe); the certificate
+    gives L, the factor and the lr.
     """
     if recipe.optimizer not in ("sgd", "adam"):
         raise ValueError(f"pbrf-epochs runs the base recipe's minibatch optimizer, and this task trains with "
@@ -226,12 +222,7 @@ def pbrf_epochs(problem: Problem, removed: Tensor, recipe: Recipe) -> tuple[Tens
     p = problem
     mu, eps, base = p.weight_decay + p.damping, p.epsilon, p.params
     epochs = max(recipe.epochs // 2, 1)
-    curvature_max, factor = None, 1.0
-    if recipe.optimizer == "sgd":
-        curvature_max = mu + top_eigenvalue(p.gnvp, p.n_params, p.dtype, p.device, 30,
-                                            torch.Generator().manual_seed(recipe.seed))
-        factor = min(1.0, PBRF_EPOCHS_STABLE_FRACTION * 2 * (1 + recipe.momentum) / (curvature_max * recipe.lr))
-        recipe = dataclasses.replace(recipe, lr=recipe.lr * factor)
+    recipe, stability = stable_sgd_recipe(p, recipe)
 
     def batch_pbrf(theta: Tensor, _w: Tensor, x: Tensor, t: Tensor, x_m: Tensor, t_m: Tensor) -> Tensor:
         ys = p.model(base, x)  # θˢ is not batched: computed once per step, outside the vmap
@@ -256,7 +247,7 @@ def pbrf_epochs(problem: Problem, removed: Tensor, recipe: Recipe) -> tuple[Tens
     certificate = {
         "protocol": "base optimizer on the PBRF objective from theta_s for half the base epochs (paper section 6)",
         "optimizer": recipe.optimizer, "epochs": epochs, "batch_size": recipe.batch_size or p.n_train,
-        "lr": recipe.lr, "lr_factor": factor, "curvature_max": curvature_max, "momentum": recipe.momentum,
+        **stability, "momentum": recipe.momentum,
         "seed": recipe.seed,
         "relative_gradient_norm": rel.tolist(),
         "objective": value.tolist(),

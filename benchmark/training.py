@@ -14,6 +14,7 @@ with convolutions take the same unvmapped loop for speed (train and eval mode ag
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch.func import functional_call, grad, vmap
 
 from tasks.base import Recipe
 
+from .linalg import top_eigenvalue
 from .problem import Batch, FunctionalModel
 
 log = logging.getLogger("ifbench")
@@ -209,6 +211,27 @@ def sgd(model: FunctionalModel, loss, data: Batch, theta: Tensor, recipe: Recipe
             log.info("%s: epoch %d/%d, %.0f s, about %.0f s left", progress, epoch + 1, epochs, elapsed,
                      elapsed * (epochs - epoch - 1) / (epoch + 1))
     return theta if stacked else theta[0]
+
+
+#: stable_sgd_recipe keeps SGD at most this fraction of heavy-ball's stability limit 2(1 + β)/L
+STABLE_FRACTION = 0.5
+
+
+def stable_sgd_recipe(problem, recipe: Recipe) -> tuple[Recipe, dict]:
+    """The recipe with its whole SGD learning-rate schedule scaled by
+    min(1, STABLE_FRACTION · 2(1 + β) / (L · lr)), L = λ_max(G) + wd + λ at θˢ (30 power
+    iterations, seeded by the recipe): heavy-ball SGD is stable on curvature L only for
+    lr < 2(1 + β)/L. Runs from θˢ in eval mode need it on the batch-norm nets, whose frozen
+    statistics make them sharper than the train-mode objective the lr was tuned on. Adam and
+    L-BFGS recipes are returned unchanged. -> (recipe, {"lr", "lr_factor", "curvature_max"})."""
+    if recipe.optimizer != "sgd":
+        return recipe, {"lr": recipe.lr, "lr_factor": 1.0, "curvature_max": None}
+    p = problem
+    curvature_max = p.weight_decay + p.damping + top_eigenvalue(
+        p.gnvp, p.n_params, p.dtype, p.device, 30, torch.Generator().manual_seed(recipe.seed))
+    factor = min(1.0, STABLE_FRACTION * 2 * (1 + recipe.momentum) / (curvature_max * recipe.lr))
+    recipe = dataclasses.replace(recipe, lr=recipe.lr * factor)
+    return recipe, {"lr": recipe.lr, "lr_factor": factor, "curvature_max": curvature_max}
 
 
 def lbfgs(model: FunctionalModel, loss, data: Batch, theta: Tensor, recipe: Recipe) -> Tensor:

@@ -121,6 +121,10 @@ class Task(ABC):
     #: decay) and the recipe trains to its optimum: every retraining response then has one
     #: optimum, so cold- and warm-start retraining agree (checked by the decomposition test)
     convex: ClassVar[bool] = False
+    #: the model has batch norm: every response runs it in eval mode (statistics frozen at θˢ),
+    #: and warm / proximal SGD retraining from θˢ then runs at a stable learning rate
+    #: (benchmark.training.stable_sgd_recipe); a test checks it against the model
+    batch_norm: ClassVar[bool] = False
     #: the scales at which the task runs when no --task is given; at the others it runs only
     #: when named (its ground truth does not fit that scale's time: see `python -m benchmark.cost`)
     default_scales: ClassVar[tuple[str, ...]] = ("smoke", "cpu", "paper")

@@ -271,6 +271,10 @@ class CNNTask(Task):
         gt = {"smoke": _SMOKE_GT, "cpu": _CPU_GT, "paper": _paper_gt(*_PAPER_CHUNKS[self.arch])}[scale]
         return ScaleConfig(recipe=recipe, ground_truth=gt, params=params)
 
+    @property
+    def batch_norm(self) -> bool:
+        return self.arch in _BATCH_NORM
+
     def ground_truth(self, scale):
         """VGG13 and ResNet-20 (batch norm): `pbrf-epochs`, the paper's protocol, at every scale.
         θˢ is a saddle of their PBRF at smoke and cpu (see _WEIGHT_DECAY), so its minimiser does

@@ -324,3 +324,41 @@ def test_decomposition_stands_pbrf_epochs_in_for_the_pbrf(tmp_path):
     c = correlations(scores[:, keep], epochs["scores"].numpy()[:, keep], seed=problem.seed)
     assert exact["pbrf"] == [c["pearson"], c["spearman"]]
     assert "The PBRF here is `pbrf-epochs`" in task_markdown(r, None)
+
+
+def test_batch_norm_flag_matches_every_model():
+    """Task.batch_norm (which keys the stable-lr retrainings) says what the model has."""
+    from tasks import TASKS, get_task
+    for name in TASKS:
+        task = get_task(name)
+        has = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in task.model("smoke").modules())
+        assert task.batch_norm == has, name
+
+
+def test_warm_retraining_of_a_batch_norm_net_runs_at_a_stable_lr():
+    """From θˢ in eval mode, a batch-norm net's warm and proximal SGD retraining has its lr capped
+    at half the heavy-ball stability limit (the certificate says by how much); cold retraining
+    and nets without batch norm keep the recipe's lr; the cache key says which."""
+    from benchmark.ground_truth import response_fingerprint, solver_settings
+    from tasks import get_task
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double()
+    module[1].running_var.fill_(1e-4)  # frozen statistics: a sharp eval-mode net
+    model = FunctionalModel(module)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, generator=g, dtype=torch.float64), torch.randn(32, 1, generator=g, dtype=torch.float64)
+    sq = lambda o, t: 0.5 * (o - t).pow(2).sum(1)
+    problem = Problem(task="bn", scale="smoke", model=model, params=model.flatten(), train=Batch(x, y),
+                      query=Batch(x[:4], y[:4]), loss=sq, damping=1e-3, weight_decay=1e-2, seed=0,
+                      theta0=model.flatten())
+    recipe = Recipe("sgd", epochs=4, batch_size=8, lr=1.0, momentum=0.9, weight_decay=1e-2, seed=0)
+    removed = torch.tensor([0, 5])
+    warm = retraining.retrain(problem, removed, recipe, "warm")
+    cert = warm.certificate
+    assert cert["lr_factor"] < 1 and cert["lr"] == pytest.approx(0.5 * 2 * 1.9 / cert["curvature_max"], rel=1e-12)
+    assert torch.isfinite(warm.thetas).all()
+    assert "lr_factor" not in retraining.retrain(problem, removed, recipe, "cold").certificate  # the recipe's lr
+    vgg, mlp = get_task("vgg13-mnist"), get_task("mlp-mnist")
+    key = lambda t, r: response_fingerprint(t, "cpu", r, solver_settings(t, "cpu"))
+    assert key(vgg, "warm")["stable_fraction"] == 0.5 and key(vgg, "proximal")["stable_fraction"] == 0.5
+    assert "stable_fraction" not in key(vgg, "cold") and "stable_fraction" not in key(mlp, "warm")
