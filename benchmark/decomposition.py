@@ -308,7 +308,7 @@ def task_markdown(r: dict, figure: str | None) -> str:
     left_out = r["n_removed"] - r["n_trusted"]
     lines = [f"### {r['task']}", "",
              f"N = {r['n_train']}, d = {r['n_params']}, {r['n_removed']} removed examples"
-             + (f" ({left_out} left out: no local PBRF solution)" if left_out else "")
+             + (f" ({left_out} left out: no trusted PBRF solution, see the certificates)" if left_out else "")
              + f", {r['n_query']} queries, outputs on {r['n_eval']} training inputs. "
              f"Size of the effect d(θˢ, PBRF) = {_pm(r['effect'])}.", ""]
     if r.get("pbrf_response", "pbrf") != "pbrf":

@@ -139,7 +139,7 @@ def test_decomposition_page_from_results(tmp_path):
         assert leaderboard.main(["--results-dir", str(results), "--out", str(tmp_path / "lb"), "--no-figures"]) == 0
     text = (tmp_path / "lb" / "DECOMPOSITION.md").read_text()
     assert "## cpu scale" in text and "### lr-cancer" in text and "### lr-diabetes" in text
-    assert "1 left out: no local PBRF solution" in text
+    assert "1 left out: no trusted PBRF solution" in text
     assert "failed: EstimatorFailure: boom" in text
     # the paper's findings, checked on the numbers: lr-diabetes here has exact vs cold 0.5
     assert "- lr-cancer (convex): " in text and text.count("as in the paper.") == 1
