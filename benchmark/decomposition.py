@@ -422,7 +422,11 @@ def table2_beside_paper(group: list[dict]) -> list[str]:
             cells += [f"{fmt(ours[0] if ours else None)} / {p:.2f}", f"{fmt(ours[1] if ours else None)} / {s:.2f}"]
         rows.append(cells)
     missing = [t for t in PAPER_TABLE2 if t not in by]
-    return ["The paper's Table 2 beside ours (`exact` influence against each response; ours / paper; the "
+    epochs = [t for t in PAPER_TABLE2 if by.get(t, {}).get("pbrf_response", "pbrf") != "pbrf"]
+    note = ([f"PBRF column of {', '.join(epochs)}: against `pbrf-epochs` (the paper's protocol, as in its Table 2 "
+             "for these nets), whose error bar on the leaderboard (a second run with another batch order) says how "
+             "much of it is minibatch noise at this scale.", ""] if epochs else [])
+    lines = ["The paper's Table 2 beside ours (`exact` influence against each response; ours / paper; the "
             "paper trains on 10 % of MNIST at its own widths, this scale's sizes are in the task docstrings):", "",
             tabulate(rows, headers=["model", "cold P", "cold S", "warm P", "warm S", "PBRF P", "PBRF S"],
                      tablefmt="github"), ""] + (
@@ -430,6 +434,7 @@ def table2_beside_paper(group: list[dict]) -> list[str]:
          "cost table gives what its ground truth would cost), or skipped (too few trusted PBRF rows, or a "
          "retraining that diverged; the test's skip reason says which).", ""]
         if missing else [])
+    return lines + note
 
 
 def build_page(results: list[dict], out_dir: Path, figures: bool = True) -> str:
