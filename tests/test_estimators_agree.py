@@ -89,6 +89,12 @@ def test_exact_is_damped_gauss_newton_solve(problem, exact):
     cg_path = Exact(dense_max_params=0, rtol=1e-13).fit(problem)
     assert cg_path.solver_ == "cg"
     assert rel_err(cg_path.parameter_change(REMOVED), delta) < 1e-9
+    # the flop bound: forming G costs N·C·d²; one flop below it the dense path, at it CG
+    C = problem.outputs(problem.train.inputs[:1]).numel()
+    flops = problem.n_train * C * problem.n_params ** 2
+    assert Exact(dense_max_flops=flops).fit(problem).solver_ == "dense"
+    by_flops = Exact(dense_max_flops=flops - 1, rtol=1e-13).fit(problem)
+    assert by_flops.solver_ == "cg" and rel_err(by_flops.parameter_change(REMOVED), delta) < 1e-9
 
 
 def test_exact_own_damping(problem):
