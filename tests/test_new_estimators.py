@@ -204,3 +204,23 @@ def test_lissa_depth_rule(problem):
     explicit = LiSSA(depth=37).fit(problem)
     assert explicit.depth_ == 37 and explicit.get_params()["depth"] == 37
     assert make_estimator("lissa-depth5000").fit(problem).depth_ == 5000
+
+
+def test_lissa_full_batch_closed_form_is_the_recursion(problem, monkeypatch):
+    """batch_size ≥ N: the eigenbasis closed form gives the J-step recursion's own answer (not the
+    exact solve: depth 60 leaves a visible truncation), and diverges where the recursion does."""
+    idx = torch.tensor([0, 3, 7])
+    closed = LiSSA(depth=60, batch_size=problem.n_train, repeats=2).fit(problem)
+    assert closed.eigh_ is not None
+    monkeypatch.setattr(LiSSA, "DENSE_MAX_PARAMS", 0)
+    recursion = LiSSA(depth=60, batch_size=problem.n_train, repeats=2).fit(problem)
+    assert recursion.eigh_ is None
+    expected = recursion.parameter_change(idx)
+    assert rel_err(closed.parameter_change(idx), expected) < 1e-10
+    assert rel_err(expected, Exact().fit(problem).parameter_change(idx)) > 1e-3
+    lam_max = float(closed.eigh_[0].max())
+    monkeypatch.setattr(LiSSA, "DENSE_MAX_PARAMS", 10 ** 9)
+    with pytest.raises(FloatingPointError, match="scale"):
+        LiSSA(depth=300, scale=lam_max / 50, batch_size=problem.n_train).fit(problem).parameter_change(idx)
+    minibatch = LiSSA(depth=5, batch_size=problem.n_train - 1).fit(problem)
+    assert minibatch.eigh_ is None  # fresh minibatches: no fixed G, the recursion runs
