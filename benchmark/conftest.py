@@ -16,6 +16,7 @@ summary table and --update-baseline work the same with and without -n.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,27 @@ def pytest_generate_tests(metafunc):
         tasks, _ = _selected(metafunc.config)
         metafunc.parametrize("decomposition_task", [pytest.param(t, marks=pytest.mark.xdist_group(t)) for t in tasks],
                              ids=tasks)
+
+
+_TASK_OF_NODEID = re.compile(r"::test_(?:estimator|decomposition)\[([^/\]]+)")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup`: one work unit per task (its rows, then its decomposition), read from the
+    test id. xdist's own grouping appends the xdist_group mark to the node id, which pytest ≥ 9.2
+    no longer lets it change (pytest-xdist#1386): the rows of one task were spread over the
+    workers, each loading the task and the decomposition fitting its estimators again."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TaskScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            match = _TASK_OF_NODEID.search(nodeid)
+            return "task:" + match.group(1) if match else super()._split_scope(nodeid)
+
+    return TaskScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
