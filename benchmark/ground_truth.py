@@ -105,7 +105,7 @@ def build_problem(task: Task, scale: str, data_root: Path, cache: Cache, device:
     problem = Problem(
         task=task.name, scale=scale, model=model, params=theta_s,
         train=train_data, query=Batch(to(splits.x_query[query_idx]), to(splits.y_query[query_idx])),
-        loss=task.loss, damping=task.damping, weight_decay=recipe.weight_decay, seed=recipe.seed,
+        loss=task.loss, damping=task.damping_at(scale), weight_decay=recipe.weight_decay, seed=recipe.seed,
         theta0=theta0, training_certificate=trained["certificate"],
         **({"chunk_size": gt_cfg.example_chunk} if gt_cfg.example_chunk else {}),
     )

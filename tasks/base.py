@@ -114,6 +114,8 @@ class Task(ABC):
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
+    #: the damping λ of every response function and estimator (the PBRF's proximity term is
+    #: (wd + λ)/2 ‖Δ‖²), unless `damping_at` says otherwise for a scale
     damping: ClassVar[float] = 1e-3
     dtype: ClassVar[torch.dtype] = torch.float64
     description: ClassVar[str] = ""
@@ -156,6 +158,10 @@ class Task(ABC):
     def ground_truth_config(self, scale: Scale) -> GroundTruthConfig:
         return self.config(scale).ground_truth
 
+    def damping_at(self, scale: Scale) -> float:
+        """The damping λ at `scale` (the problem's `damping`): the class's, unless a task says why not."""
+        return self.damping
+
     def fingerprint(self, scale: Scale) -> dict:
         """Everything the trained model and the ground truth depend on (hashed for the cache)."""
         cfg = self.config(scale)
@@ -163,7 +169,7 @@ class Task(ABC):
             "task": self.name,
             "version": self.version,
             "scale": scale,
-            "damping": self.damping,
+            "damping": self.damping_at(scale),
             "dtype": str(self.dtype),
             "recipe": dataclasses.asdict(cfg.recipe),
             "params": cfg.params,

@@ -324,6 +324,12 @@ def test_scales_are_configured(name):
             assert paper.lr_milestones == (60, 120, 160) and paper.lr_gamma == 0.2
         else:
             assert paper.lr_milestones == ()
+    # the paper's damping λ = 1e-3 everywhere but the CIFAR CNNs at cpu (tasks/cnn.py, _CIFAR_DAMPING),
+    # and the damping in force is the one the cache keys carry
+    cifar_cpu = name.endswith("cifar")
+    for scale in ("smoke", "cpu", "paper"):
+        expected = 1e-2 if cifar_cpu and scale == "cpu" else 1e-3
+        assert task.damping_at(scale) == task.fingerprint(scale)["damping"] == expected, scale
 
 
 @pytest.fixture(scope="module")
