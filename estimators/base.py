@@ -89,3 +89,9 @@ class ParameterEstimator(Estimator):
 def effective_damping(problem: Problem, damping: float | None) -> float:
     """wd + λ, with λ the estimator's own damping or, by default, the problem's."""
     return problem.weight_decay + (problem.damping if damping is None else damping)
+
+
+def dense_gauss_newton_flops(problem: Problem) -> float:
+    """N·C·d²: the flops of forming the dense G over the training set (C outputs per example)."""
+    n_outputs = problem.outputs(problem.train.inputs[:1]).numel()
+    return problem.n_train * n_outputs * problem.n_params ** 2

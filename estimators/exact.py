@@ -15,7 +15,7 @@ from torch import Tensor
 from benchmark.problem import Problem
 from benchmark.responses import DampedGaussNewton, SolverSettings
 
-from .base import ParameterEstimator, effective_damping
+from .base import ParameterEstimator, dense_gauss_newton_flops, effective_damping
 
 
 class Exact(ParameterEstimator):
@@ -29,9 +29,7 @@ class Exact(ParameterEstimator):
         self.rtol = rtol
 
     def fit(self, problem: Problem) -> "Exact":
-        n_outputs = problem.outputs(problem.train.inputs[:1]).numel()
-        dense_flops = problem.n_train * n_outputs * problem.n_params ** 2
-        max_params = self.dense_max_params if dense_flops <= self.dense_max_flops else 0
+        max_params = self.dense_max_params if dense_gauss_newton_flops(problem) <= self.dense_max_flops else 0
         settings = SolverSettings(dense_max_params=max_params, linear_rtol=self.rtol)
         self.curvature_ = DampedGaussNewton(problem, effective_damping(problem, self.damping), settings)
         self.solver_ = self.curvature_.method

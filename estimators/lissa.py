@@ -36,8 +36,9 @@ applies the same G and the recursion has a closed form in G's eigenbasis (G = Q 
     x = Q diag(φ(λ)) Qᵀ b,   φ(λ) = (1 − (1 − (λ + μ)/s)^(J+1)) / (λ + μ)   (→ (J+1)/s as λ + μ → 0),
 
 the same J-step truncated solve up to rounding (tests/test_new_estimators.py pins the two paths
-together), repeats included (they are all equal). It is used where d ≤ DENSE_MAX_PARAMS, at the
-cost of the dense G (N·C·d² flops) and one eigendecomposition. Every smoke-scale network has N =
+together), repeats included (they are all equal). It is used where d ≤ DENSE_MAX_PARAMS and the
+dense G costs at most DENSE_MAX_FLOPS (N·C·d², as for `exact`), at that cost and one
+eigendecomposition. Every smoke-scale network has N =
 64 < 128, where the J = 2000 full-batch products of the batch-norm CNNs took 38–81 s a row on the
 shared 2-core machine (resnet20-cifar: 80.7 s; each product over the 64 images is overhead-bound,
 47 ms for 4 vectors against 9 ms for a plain forward + backward), and the eigendecomposition of
@@ -53,7 +54,7 @@ from torch import Tensor
 from benchmark.linalg import top_eigenvalue
 from benchmark.problem import Problem
 
-from .base import ParameterEstimator, effective_damping
+from .base import ParameterEstimator, dense_gauss_newton_flops, effective_damping
 
 
 def lissa_depth(scale: float, mu: float) -> int:
@@ -69,6 +70,7 @@ class LiSSA(ParameterEstimator):
     MAX_DEPTH = 2000
     #: the full-batch closed form (module docstring) is used up to this many parameters
     DENSE_MAX_PARAMS = 4096
+    DENSE_MAX_FLOPS = 2e12
 
     def __init__(self, damping: float | None = None, depth: int | None = None, scale: float | None = None,
                  batch_size: int = 128, repeats: int = 1, seed: int = 0):
@@ -89,7 +91,8 @@ class LiSSA(ParameterEstimator):
         else:
             self.scale_ = float(self.scale)
         self.depth_ = lissa_depth(self.scale_, self.mu_) if self.depth is None else int(self.depth)
-        full_batch = self.batch_size >= problem.n_train and problem.n_params <= self.DENSE_MAX_PARAMS
+        full_batch = (self.batch_size >= problem.n_train and problem.n_params <= self.DENSE_MAX_PARAMS
+                      and dense_gauss_newton_flops(problem) <= self.DENSE_MAX_FLOPS)
         self.eigh_ = torch.linalg.eigh(problem.gauss_newton_matrix()) if full_batch else None
         return self
 
