@@ -229,6 +229,9 @@ def response_fingerprint(task: Task, scale: str, response: str, settings: Solver
         **({"stable_fraction": training.STABLE_FRACTION}
            if task.batch_norm and response in retraining.RESPONSES and retraining.RESPONSES[response][0] != "cold"
            else {}),
+        **({"batch_norm": "train mode"}
+           if task.batch_norm and response in retraining.RESPONSES and retraining.RESPONSES[response][0] == "cold"
+           else {}),
         **({"pbrf_epochs": {"second_runs": n_second_solve(task, scale), "stable_fraction": training.STABLE_FRACTION}}
            if response == PBRF_EPOCHS else {}),
         **({"second_solve": {"n": n_second_solve(task, scale), "settings": dataclasses.asdict(SECOND_SOLVE_SETTINGS),

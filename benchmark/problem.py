@@ -84,8 +84,21 @@ class FunctionalModel:
                 current[k].copy_(v.to(device=current[k].device, dtype=current[k].dtype))
         self.buffers = {k: b.detach() for k, b in self.module.named_buffers()}
 
-    def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
-        return functional_call(self.module, (self.unflatten(theta), self.buffers), (x,))
+    def __call__(self, theta: Tensor, x: Tensor, buffers: dict[str, Tensor] | None = None) -> Tensor:
+        """f(θ, x), with the frozen buffers, or with `buffers` (a retrained net's own statistics)."""
+        return functional_call(self.module, (self.unflatten(theta), self.buffers if buffers is None else buffers), (x,))
+
+    def initial_buffers(self) -> dict[str, Tensor]:
+        """The buffers of a freshly built module (batch norm: running mean 0, variance 1, no
+        batches seen), the state base training started from at θ⁰."""
+        fresh = {k: b.clone() for k, b in self.buffers.items()}
+        for name, m in self.module.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                prefix = f"{name}." if name else ""
+                fresh[prefix + "running_mean"].zero_()
+                fresh[prefix + "running_var"].fill_(1.0)
+                fresh[prefix + "num_batches_tracked"].zero_()
+        return fresh
 
 
 class TimeBudgetExceeded(BaseException):

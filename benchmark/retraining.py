@@ -18,9 +18,14 @@ full-batch L-BFGS to convergence instead (cold from θ⁰, warm and proximal fro
 removed example at a time, polished by a few Newton steps on the exact Hessian when d is small:
 torch's strong-Wolfe line search stalls near ‖∇J‖ ≈ 1e-9, above the ε-sized effect's precision.
 
-Models with batch norm are retrained in eval mode, running statistics frozen at θˢ (like every
-other response function); their base training ran in train mode, which the control run of a
-cold start then also measures.
+Models with batch norm: warm and proximal retraining run in eval mode, running statistics
+frozen at θˢ (like every other response function: they start from θˢ, where those statistics
+belong). Cold retraining runs as the base training ran, in train mode from θ⁰ and the initial
+running statistics, one row at a time (training.train_mode_minibatch; the removed example is
+left out of its minibatch and of that batch's statistics), and each row keeps the running
+statistics it ends with: a net retrained from scratch has statistics of its own, and in eval mode
+from θ⁰ with θˢ's statistics (which belong to other weights) the ResNet-20 and VGG13 runs
+diverged. Its control run repeats the base training exactly, so θ_ref = θˢ there.
 
 All R removed examples are retrained at once: the parameters are stacked (R + 1, d) and
 training.sgd vmaps over the rows. The extra last row is the *control run*: the same retraining
@@ -50,7 +55,7 @@ from torch.func import grad_and_value, vmap
 from tasks.base import Recipe
 
 from .problem import Problem
-from .training import sgd, stable_sgd_recipe
+from .training import PROGRESS_EVERY, log, sgd, stable_sgd_recipe, train_mode_minibatch
 
 #: bump when a retraining changes in a way that changes its numbers (part of the cache key)
 RETRAINING_VERSION = 1
@@ -80,6 +85,9 @@ class Retraining:
     thetas: Tensor
     reference: Tensor
     certificate: dict
+    #: each row's own running statistics (R + 1 dicts, the control run last), for a batch-norm
+    #: net's train-mode cold retraining; None: every row uses the frozen statistics of θˢ
+    buffers: list[dict[str, Tensor]] | None = None
 
     def parameter_change(self, problem: Problem, controlled: bool = False) -> Tensor:
         """θʳ₋ₘ − θˢ (raw) or θʳ₋ₘ − θ_ref (controlled), (R, d)."""
@@ -95,9 +103,15 @@ def removal_weights(problem: Problem, removed: Tensor, control: bool = True) -> 
 
 
 def objective_gradients(problem: Problem, thetas: Tensor, weights: Tensor, weight_decay: float,
-                        proximal: tuple[float, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                        proximal: tuple[float, Tensor] | None = None,
+                        buffers: list[dict[str, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
     """Values (R,) and full-batch gradients (R, d) of
-    (1/N) Σᵢ W[r, i] ℓᵢ(θ_r) + (wd/2)‖θ_r‖² [+ (λ/2)‖θ_r − anchor‖²] for every row r."""
+    (1/N) Σᵢ W[r, i] ℓᵢ(θ_r) + (wd/2)‖θ_r‖² [+ (λ/2)‖θ_r − anchor‖²] for every row r
+    (in eval mode; with `buffers`, row r with its own running statistics buffers[r])."""
+    if buffers is not None:  # one row at a time: the rows are different functions
+        parts = [_with_buffers(problem, b, lambda: objective_gradients(
+            problem, thetas[r:r + 1], weights[r:r + 1], weight_decay, proximal)) for r, b in enumerate(buffers)]
+        return torch.cat([v for v, _ in parts]), torch.cat([g for _, g in parts])
     p = problem
     n, cs = p.n_train, p.chunk_size
     value = torch.zeros(thetas.shape[0], dtype=thetas.dtype, device=thetas.device)
@@ -118,6 +132,38 @@ def objective_gradients(problem: Problem, thetas: Tensor, weights: Tensor, weigh
         value = value + 0.5 * lam * (thetas - anchor).pow(2).sum(1)
         gradient = gradient + lam * (thetas - anchor)
     return value, gradient
+
+
+def _with_buffers(problem: Problem, buffers: dict[str, Tensor], fn):
+    """fn() with the model's frozen statistics temporarily replaced by `buffers`."""
+    frozen = problem.model.buffers
+    problem.model.buffers = buffers
+    try:
+        return fn()
+    finally:
+        problem.model.buffers = frozen
+
+
+def _train_mode_cold(problem: Problem, weights: Tensor, recipe: Recipe) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """Cold retraining of a batch-norm net as its base training ran: train mode from θ⁰ and the
+    initial running statistics, one row of weights (R + 1, N) at a time (a row of ones, the
+    control run, is the base training itself) -> θ (R + 1, d) and each row's final statistics."""
+    start = (problem.theta0).to(problem.device, problem.dtype)
+    initial = problem.model.initial_buffers()
+    thetas, buffers = [], []
+    begin = last = time.perf_counter()
+    for r in range(weights.shape[0]):
+        w = None if bool((weights[r] == 1).all()) else weights[r]
+        theta, buf = train_mode_minibatch(problem.model, problem.loss, problem.train, start, recipe,
+                                          weights=w, buffers=initial)
+        thetas.append(theta)
+        buffers.append(buf)
+        if time.perf_counter() - last > PROGRESS_EVERY or r + 1 == weights.shape[0]:
+            last = time.perf_counter()
+            elapsed = last - begin
+            log.info("%s cold retraining (train mode): %d/%d rows, %.0f s, about %.0f s left", problem.task, r + 1,
+                     weights.shape[0], elapsed, elapsed * (weights.shape[0] - r - 1) / (r + 1))
+    return torch.stack(thetas), buffers
 
 
 def _objective_hessian(problem: Problem, theta: Tensor, w: Tensor, weight_decay: float,
@@ -192,6 +238,7 @@ def retrain(problem: Problem, removed: Tensor, recipe: Recipe, kind: str, *, tol
         raise ValueError("cold-start retraining needs the initialisation θ⁰ (problem.theta0), which this "
                          "problem does not have")
     start_time, start_cpu = time.perf_counter(), time.process_time()
+    buffers = None
     W = removal_weights(problem, removed) if weights is None else weights.to(problem.dtype)
     rows = W.shape[0]
     start = (problem.theta0 if kind == "cold" else problem.params).to(problem.device, problem.dtype)
@@ -210,14 +257,18 @@ def retrain(problem: Problem, removed: Tensor, recipe: Recipe, kind: str, *, tol
             # at the recipe's lr VGG13-MNIST's warm retraining (cpu) went to non-finite parameters
             recipe, stability = stable_sgd_recipe(problem, recipe)
             certificate.update(stability)
-        thetas = sgd(problem.model, problem.loss, problem.train, start.expand(rows, -1).clone(), recipe,
-                     weights=W, epochs=epochs, proximal=proximal,
-                     progress=f"{problem.task} {kind} retraining of {rows} rows")
+        if batch_norm and kind == "cold":
+            thetas, buffers = _train_mode_cold(problem, W, recipe)
+            certificate["batch_norm"] = ("train mode, as in base training, from the initial running statistics; "
+                                         "each row evaluated with its own final statistics")
+        else:
+            thetas = sgd(problem.model, problem.loss, problem.train, start.expand(rows, -1).clone(), recipe,
+                         weights=W, epochs=epochs, proximal=proximal,
+                         progress=f"{problem.task} {kind} retraining of {rows} rows")
+            if batch_norm:
+                certificate["batch_norm"] = "eval mode, running statistics frozen at theta_s"
         certificate.update({"epochs": epochs, "batch_size": recipe.batch_size or problem.n_train,
                             "batch_order": "the recipe's seed; a removed example is left out of its minibatch"})
-        if batch_norm:
-            # base training ran batch norm in train mode; retraining (vmapped) runs in eval mode
-            certificate["batch_norm"] = "eval mode, running statistics frozen at theta_s"
         problem.counter.add("gradient", epochs * problem.n_train * rows)
     elif recipe.optimizer == "lbfgs":
         grad_tol = tol * float(scale.min())
@@ -232,7 +283,7 @@ def retrain(problem: Problem, removed: Tensor, recipe: Recipe, kind: str, *, tol
                "train mode it was trained in, too sharp for the recipe's learning rate)"
                if "batch_norm" in certificate else "")
         raise FloatingPointError(f"{kind} retraining diverged (non-finite parameters){why}; recipe {recipe}")
-    _, g = objective_gradients(problem, thetas, W, recipe.weight_decay, proximal)
+    _, g = objective_gradients(problem, thetas, W, recipe.weight_decay, proximal, buffers)
     gnorm = torch.linalg.vector_norm(g, dim=-1)
     R = rows - 1
     rel = gnorm[:R] / scale
@@ -262,7 +313,7 @@ def retrain(problem: Problem, removed: Tensor, recipe: Recipe, kind: str, *, tol
         "retraining_seconds": time.perf_counter() - start_time,
         "retraining_cpu_seconds": time.process_time() - start_cpu,
     })
-    return Retraining(kind, thetas[:R].detach(), thetas[R].detach(), certificate)
+    return Retraining(kind, thetas[:R].detach(), thetas[R].detach(), certificate, buffers)
 
 
 def _response(problem: Problem, removed: Tensor, recipe: Recipe, kind: str, tol: float) -> tuple[Tensor, dict]:
@@ -295,8 +346,13 @@ def evaluations(problem: Problem, run: Retraining, eval_inputs: Tensor, controll
     # the reference goes through the same vmapped evaluation as the rows (bitwise comparable)
     thetas = torch.cat([run.thetas, (run.reference if controlled else problem.params)[None]])
     with torch.no_grad():
-        losses = vmap(lambda th: problem.loss(problem.model(th, q.inputs), q.targets))(thetas)  # (R + 1, Q)
-        outputs = vmap(lambda th: problem.model(th, eval_inputs))(thetas)
+        if run.buffers is None:
+            losses = vmap(lambda th: problem.loss(problem.model(th, q.inputs), q.targets))(thetas)  # (R + 1, Q)
+            outputs = vmap(lambda th: problem.model(th, eval_inputs))(thetas)
+        else:  # every row with its own running statistics; θˢ with its frozen ones
+            own = [*run.buffers[:-1], run.buffers[-1] if controlled else None]
+            losses = torch.stack([problem.loss(problem.model(th, q.inputs, b), q.targets) for th, b in zip(thetas, own)])
+            outputs = torch.stack([problem.model(th, eval_inputs, b) for th, b in zip(thetas, own)])
         losses, ref_loss = losses[:-1], losses[-1]
         outputs, ref_outputs = outputs[:-1], outputs[-1]
         if controlled:

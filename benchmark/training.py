@@ -138,11 +138,17 @@ def _epochs(n: int, batch_size: int, epochs: int, seed: int, on_epoch_end: Epoch
 
 
 def train_mode_minibatch(model: FunctionalModel, loss, data: Batch, theta: Tensor,
-                         recipe: Recipe, on_epoch_end: EpochEnd | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                         recipe: Recipe, on_epoch_end: EpochEnd | None = None, *,
+                         weights: Tensor | None = None,
+                         buffers: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The recipe's SGD / Adam with the module in train mode (batch norm normalises by batch
     statistics and updates its running statistics), same batch order as `sgd`.
-    Returns θ (d,) and the final buffers (the module itself is left in eval mode)."""
-    buffers = {k: b.clone() for k, b in model.buffers.items()}
+
+    weights (N,): optional example weights; a minibatch B then sees only its examples of nonzero
+    weight (a removed example is not in its batch's statistics either) and its loss is
+    (1/|B|) Σ_{i∈B} wᵢ ℓᵢ, as in `sgd`. buffers: the running statistics to start from (default
+    the model's). Returns θ (d,) and the final buffers (the module itself is left in eval mode)."""
+    buffers = {k: b.clone() for k, b in (model.buffers if buffers is None else buffers).items()}
     update = _Update(recipe, theta)
     theta = theta.clone()
     model.module.train()
@@ -151,8 +157,14 @@ def train_mode_minibatch(model: FunctionalModel, loss, data: Batch, theta: Tenso
                                   on_epoch_end, lambda: theta):
             idx = idx.to(data.inputs.device)
             th = theta.detach().requires_grad_(True)
-            out = functional_call(model.module, (model.unflatten(th), buffers), (data.inputs[idx],))
-            value = loss(out, data.targets[idx]).mean() + 0.5 * recipe.weight_decay * th.pow(2).sum()
+            if weights is None:
+                out = functional_call(model.module, (model.unflatten(th), buffers), (data.inputs[idx],))
+                value = loss(out, data.targets[idx]).mean()
+            else:
+                kept = idx[weights[idx] != 0]
+                out = functional_call(model.module, (model.unflatten(th), buffers), (data.inputs[kept],))
+                value = (weights[kept] * loss(out, data.targets[kept])).sum() / len(idx)
+            value = value + 0.5 * recipe.weight_decay * th.pow(2).sum()
             (g,) = torch.autograd.grad(value, th)
             theta = update(theta, g, epoch)
     finally:

@@ -21,7 +21,8 @@ Models (all ReLU, no dropout), "sized for 28×28 / 32×32 inputs":
               shortcuts, zero-padded channels), global average pool, fc 10; paper w = 16.
 Batch norm (VGG13, ResNet-20): the base model trains in train mode (benchmark.training updates
 the running statistics); θˢ is stored with the final statistics, which every response function
-and estimator then uses frozen (eval mode).
+and estimator then uses frozen (eval mode), but cold retraining, which repeats the base training
+in train mode (benchmark.retraining).
 
 Recipes (paper): SGD, batch 128, 200 epochs, weight decay 5e-4, damping 1e-3; MNIST with a
 constant learning rate, CIFAR-10 with the learning rate ÷5 at epochs 60, 120, 160

@@ -211,22 +211,26 @@ def test_batch_norm_training_updates_and_caches_running_statistics(tmp_path):
 
 
 def test_every_response_function_and_estimator_uses_the_frozen_statistics(tmp_path):
-    """Every forward pass of every response function (PBRF, linearized, cold / warm / proximal
+    """Every forward pass of every response function (PBRF, linearized, warm / proximal
     retraining) and of every default estimator runs batch norm in eval mode with the running
-    statistics of θˢ, and leaves them unchanged."""
+    statistics of θˢ, and leaves them unchanged; cold retraining alone runs in train mode (as the
+    base training did) and leaves the module's statistics unchanged too."""
     from benchmark.ground_truth import ALL_RESPONSES, load_ground_truth
     from estimators import DEFAULT_ESTIMATORS, ParameterEstimator, make_estimator
     task = _TinyBNTask()
     problem = gt_mod.build_problem(task, "smoke", tmp_path, Cache(tmp_path))
     frozen = {k: b.clone() for k, b in problem.model.buffers.items()}
-    seen, violations = [], []
+    seen, violations, training = [], [], []
+    cold = [False]
 
     def check(module, _inputs):
         seen.append(1)
         if module.training:
-            violations.append("train mode")
-        for name in ("running_mean", "running_var"):
-            if not torch.equal(getattr(module, name), frozen[f"bn.{name}"]):
+            training.append(1)
+            if not cold[0]:
+                violations.append("train mode")
+        for name in ("running_mean", "running_var"):  # cold: each retrained row's own statistics
+            if not cold[0] and not torch.equal(getattr(module, name), frozen[f"bn.{name}"]):
                 violations.append(f"{name} differs from θˢ's")
 
     handles = [m.register_forward_pre_hook(check) for m in problem.model.module.modules()
@@ -235,9 +239,11 @@ def test_every_response_function_and_estimator_uses_the_frozen_statistics(tmp_pa
         gt, _ = load_ground_truth(task, "smoke", problem, Cache(tmp_path))  # pbrf and linear
         assert seen, "no forward pass through batch norm"
         for name in ALL_RESPONSES:  # the retraining ones computed now (a -controlled one with its run)
-            before = len(seen)
+            before, cold[0] = len(seen), name.startswith("cold")
             assert torch.isfinite(gt.scores(name)).all(), name
             assert len(seen) > before or name.endswith("-controlled") or name in ("pbrf", "linear"), name
+        cold[0] = False
+        assert training, "cold retraining never ran in train mode"
         for spec in DEFAULT_ESTIMATORS:
             est = make_estimator(spec if spec != "lissa" else "lissa(depth=20)").fit(problem)
             if isinstance(est, ParameterEstimator):

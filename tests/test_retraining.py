@@ -362,3 +362,47 @@ def test_warm_retraining_of_a_batch_norm_net_runs_at_a_stable_lr():
     key = lambda t, r: response_fingerprint(t, "cpu", r, solver_settings(t, "cpu"))
     assert key(vgg, "warm")["stable_fraction"] == 0.5 and key(vgg, "proximal")["stable_fraction"] == 0.5
     assert "stable_fraction" not in key(vgg, "cold") and "stable_fraction" not in key(mlp, "warm")
+    # cold retraining of a batch-norm net runs in train mode: its key says so, no other key changed
+    assert key(vgg, "cold")["batch_norm"] == key(vgg, "cold-controlled")["batch_norm"] == "train mode"
+    assert "batch_norm" not in key(vgg, "warm") and "batch_norm" not in key(mlp, "cold")
+
+
+def test_cold_retraining_of_a_batch_norm_net_repeats_its_base_training(tmp_path):
+    """A batch-norm net's cold retraining runs as its base training ran (train mode, from θ⁰ and
+    the initial statistics): the control run reproduces θˢ and its running statistics exactly,
+    a removed row is the base training on the other examples only (checked against a training
+    on the data without it, same batch order), and each row is scored with its own statistics."""
+    from benchmark.cache import Cache
+    from benchmark.ground_truth import build_problem
+    from benchmark.training import train_mode_minibatch
+    from tests.test_models import _TinyBNTask
+    task = _TinyBNTask()
+    problem = build_problem(task, "smoke", tmp_path, Cache(tmp_path))
+    recipe = task.recipe("smoke")
+    removed = torch.tensor([2, 7])
+    run = retraining.retrain(problem, removed, recipe, "cold")
+    assert run.certificate["batch_norm"].startswith("train mode")
+    assert torch.equal(run.reference, problem.params)
+    for k, b in problem.model.buffers.items():
+        assert torch.equal(run.buffers[-1][k], b), k
+    # row 0 by hand: the same loop with example 2's weight 0
+    w = torch.ones(problem.n_train, dtype=problem.dtype)
+    w[2] = 0
+    theta, buf = train_mode_minibatch(problem.model, problem.loss, problem.train, problem.theta0, recipe,
+                                      weights=w, buffers=problem.model.initial_buffers())
+    torch.testing.assert_close(run.thetas[0], theta, rtol=0, atol=0)
+    assert not torch.equal(run.thetas[0], run.thetas[1])
+    assert not torch.equal(buf["bn.running_mean"], problem.model.buffers["bn.running_mean"])
+    # scored with its own statistics: ℓ_q(θ₋ₘ, its stats) − ℓ_q(θˢ, θˢ's stats)
+    scores, outputs = retraining.evaluations(problem, run, problem.train.inputs[:4], controlled=False)
+    q = problem.query
+    own = problem.loss(problem.model(run.thetas[0], q.inputs, run.buffers[0]), q.targets)
+    base = problem.loss(problem.model(problem.params, q.inputs), q.targets)
+    torch.testing.assert_close(scores[:, 0], own - base, rtol=1e-12, atol=1e-14)
+    frozen_stats = problem.loss(problem.model(run.thetas[0], q.inputs), q.targets) - base
+    assert not torch.allclose(scores[:, 0], frozen_stats)
+    torch.testing.assert_close(outputs[0], problem.model(run.thetas[0], problem.train.inputs[:4], run.buffers[0]))
+    # the certificate's gradient is that of each row's own eval-mode objective
+    _, g = retraining.objective_gradients(problem, run.thetas[:1], retraining.removal_weights(problem, removed[:1], False),
+                                          recipe.weight_decay, buffers=run.buffers[:1])
+    assert run.certificate["gradient_norm"][0] == pytest.approx(float(g.norm()), rel=1e-10)
