@@ -138,6 +138,11 @@ def test_each_task_is_scored_against_its_own_ground_truth(session, cache_dir):
     assert session.ground_truth_of("lenet-mnist") == "pbrf"
     for bn in ("vgg13-mnist", "resnet20-cifar"):
         assert session.ground_truth_of(bn) == "pbrf-epochs"
+    # AlexNet-CIFAR: pbrf-epochs at cpu only (a PBRF saddle there), pbrf at the other scales
+    from tasks import get_task
+    alexnet = get_task("alexnet-cifar")
+    assert session.ground_truth_of("alexnet-cifar") == "pbrf" == alexnet.ground_truth("paper")
+    assert alexnet.ground_truth("cpu") == "pbrf-epochs" and get_task("lenet-cifar").ground_truth("cpu") == "pbrf"
     forced = Session(Settings(scale="smoke", cache_dir=cache_dir, ground_truth="warm"))
     assert forced.ground_truth_of("vgg13-mnist") == "warm"
     r = session.run("lr-cancer", "grad-dot")
