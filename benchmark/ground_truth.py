@@ -179,10 +179,10 @@ def stacked_evaluations(problem: Problem, Delta: Tensor, eval_inputs: Tensor) ->
 #: GroundTruthConfig fields left out of the cache key while unset (keys from before they existed)
 _UNSET_IF_NONE = ("removed_chunk", "example_chunk", "n_second_solve")
 #: SolverSettings fields left out of the cache key while unset (likewise)
-_SOLVER_UNSET_IF_NONE = ("preconditioner_dtype",)
+_SOLVER_UNSET_IF_NONE = ("preconditioner_dtype", "gauss_newton_dtype")
 #: fields that change only the PBRF solve's path, so only the PBRF's key (and its second
 #: solve's, through "first") holds them: the other responses keep theirs
-_PBRF_ONLY = ("preconditioner_dtype",)
+_PBRF_ONLY = ("preconditioner_dtype", "gauss_newton_dtype")
 
 
 def status_counts(statuses: list[str]) -> dict[str, int]:
@@ -245,7 +245,7 @@ def solver_settings(task: Task, scale: str) -> SolverSettings:
     cfg = task.ground_truth_config(scale)
     return SolverSettings(dense_max_params=cfg.dense_max_params, linear_rtol=cfg.linear_rtol,
                           pbrf_tol=cfg.pbrf_tol, pbrf_max_steps=cfg.pbrf_max_steps,
-                          preconditioner_dtype=cfg.preconditioner_dtype)
+                          preconditioner_dtype=cfg.preconditioner_dtype, gauss_newton_dtype=cfg.gauss_newton_dtype)
 
 
 class _LazyCurvature:

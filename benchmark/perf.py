@@ -1,7 +1,7 @@
 """Speed benchmark of the ground-truth engine: the problem's operators and the PBRF solve.
 
     python -m benchmark.perf --task mlp-mnist --scale cpu [--removed R] [--threads 1] [--operators-only]
-                             [--preconditioner-dtype float32|float64]
+                             [--preconditioner-dtype float32|float64] [--gauss-newton-dtype float32|float64]
 
 Operators (over the N training examples, best of --repeats): forward, per-example gradients,
 one Gauss–Newton–vector product and the dense Gauss–Newton matrix, each also as a ratio to
@@ -14,7 +14,8 @@ take at the matmul throughput measured here (a 2048×2048 product in the problem
 the cost model gradient = 3, Gauss–Newton–vector product = 5, Hessian–vector product = 7
 forward passes per example and vector, and a forward pass's flops counted by torch's
 FlopCounterMode (2d for an MLP; a convolution reuses its weights at every position, so a CNN's
-forward pass costs many times 2d). Numbers are machine-dependent; the ratios are what to compare.
+forward pass costs many times 2d; with float32 Gauss–Newton products the floor stays the
+problem dtype's). Numbers are machine-dependent; the ratios are what to compare.
 """
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ def operators(problem: Problem, repeats: int, device: str) -> dict:
 
 
 def run(task_name: str, scale: str, n_removed: int | None, data_root: Path, cache_dir: Path | None, device: str,
-        repeats: int = 3, operators_only: bool = False, preconditioner_dtype: str | None = None) -> dict:
+        repeats: int = 3, operators_only: bool = False, preconditioner_dtype: str | None = None,
+        gauss_newton_dtype: str | None = None) -> dict:
     task = get_task(task_name)
     problem = build_problem(task, scale, data_root, Cache(cache_dir), device)
     result = {"task": task_name, "scale": scale, "n_params": problem.n_params, "n_train": problem.n_train,
@@ -113,14 +115,15 @@ def run(task_name: str, scale: str, n_removed: int | None, data_root: Path, cach
         k: forwards[k] * problem.n_train * result["forward_flops_per_example"] / 1e9 / result["matmul_gflops"] / s
         for k, s in result["operators"]["seconds"].items()}
     settings = solver_settings(task, scale)
-    if preconditioner_dtype is not None:  # "float64": the problem's own dtype, no lowered copy
-        settings = dataclasses.replace(settings, preconditioner_dtype=None if preconditioner_dtype == "float64"
-                                       else preconditioner_dtype)
+    for field, dtype in (("preconditioner_dtype", preconditioner_dtype), ("gauss_newton_dtype", gauss_newton_dtype)):
+        if dtype is not None:  # "float64": the problem's own dtype, no lowered copy
+            settings = dataclasses.replace(settings, **{field: None if dtype == "float64" else dtype})
     start = time.perf_counter()
     curvature = DampedGaussNewton(problem, problem.weight_decay + problem.damping, settings)
     result["curvature_setup_seconds"] = time.perf_counter() - start
     result["curvature_method"] = curvature.method
-    result["preconditioner_dtype"] = settings.preconditioner_dtype or str(problem.dtype).removeprefix("torch.")
+    for field in ("preconditioner_dtype", "gauss_newton_dtype"):
+        result[field] = getattr(settings, field) or str(problem.dtype).removeprefix("torch.")
     if operators_only:
         return result
     n_removed = n_removed or task.ground_truth_config(scale).n_removed
@@ -165,6 +168,9 @@ def main(argv=None) -> None:
     parser.add_argument("--preconditioner-dtype", default=None, choices=["float32", "float64"],
                         help="the dense factor in the PBRF solve's preconditioner (default: the task's "
                              "GroundTruthConfig.preconditioner_dtype, else the problem's dtype)")
+    parser.add_argument("--gauss-newton-dtype", default=None, choices=["float32", "float64"],
+                        help="the Gauss-Newton products of the PBRF solve's inner CG (default: the task's "
+                             "GroundTruthConfig.gauss_newton_dtype, else the problem's dtype)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--cache-dir", type=Path, default=None)
@@ -173,7 +179,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     result = run(args.task, args.scale, args.removed, args.data_root or default_data_root(), args.cache_dir,
                  args.device, repeats=args.repeats, operators_only=args.operators_only,
-                 preconditioner_dtype=args.preconditioner_dtype)
+                 preconditioner_dtype=args.preconditioner_dtype, gauss_newton_dtype=args.gauss_newton_dtype)
     print(json.dumps(result, indent=2))
 
 

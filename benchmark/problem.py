@@ -224,6 +224,21 @@ class Problem:
         for start in range(0, len(batch), size):
             yield Batch(batch.inputs[start:start + size], batch.targets[start:start + size])
 
+    def lowered(self, dtype: torch.dtype) -> "Problem":
+        """The same problem in `dtype` (float32: a cheaper, rounded copy for inner solves): its own
+        cast copy of the module, θˢ and the floating inputs and targets; the counter is shared,
+        so its evaluations count as this problem's. Everything else is this problem's."""
+        def cast(t: Tensor | None) -> Tensor | None:
+            return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+        low = copy.copy(self)
+        low.model = FunctionalModel(copy.deepcopy(self.model.module).to(dtype))
+        low.model.set_buffers({k: cast(b) for k, b in self.model.buffers.items()})
+        low.params, low.theta0 = cast(self.params), cast(self.theta0)
+        low.train = Batch(cast(self.train.inputs), cast(self.train.targets))
+        low.query = Batch(cast(self.query.inputs), cast(self.query.targets))
+        return low
+
     # ---- library access ----------------------------------------------------------------------
     def module(self) -> nn.Module:
         """A fresh deep copy of the model's nn.Module with θˢ loaded, in eval mode, its buffers

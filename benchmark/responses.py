@@ -45,6 +45,12 @@ class SolverSettings:
     #: memory traffic of its triangular solves; objective, gradient, steps and certificate stay
     #: in the problem's dtype); None: the problem's dtype. Left out of the cache key while None.
     preconditioner_dtype: str | None = None
+    #: dtype name of the Gauss–Newton products inside the PBRF solve's inner CG ("float32": the
+    #: model's products in a float32 copy of the problem, Problem.lowered; the objective, its
+    #: gradient, the line search and the certificate stay in the problem's dtype, so the
+    #: minimiser is the same within the certificate); None: the problem's dtype. Left out of
+    #: the cache key while None.
+    gauss_newton_dtype: str | None = None
 
 
 class DampedGaussNewton:
@@ -131,8 +137,10 @@ class PBRFObjective:
     #: a language model's logits are N × sequence length × vocabulary
     STORE_BASE_OUTPUTS_MAX = 2 ** 27
 
-    def __init__(self, problem: Problem, removed: Tensor, mu: float):
+    def __init__(self, problem: Problem, removed: Tensor, mu: float, gauss_newton_dtype: str | None = None):
         self.problem, self.mu = problem, mu
+        #: the problem the Gauss–Newton products run on (a lowered copy, or the problem itself)
+        self.products = problem.lowered(getattr(torch, gauss_newton_dtype)) if gauss_newton_dtype else problem
         self.x_m, self.t_m = problem.train.inputs[removed], problem.train.targets[removed]
         first = problem.outputs(problem.train.inputs[:1])
         self.stored = problem.n_train * first.numel() <= self.STORE_BASE_OUTPUTS_MAX
@@ -182,13 +190,14 @@ class PBRFObjective:
         return value.detach(), gradient.detach()
 
     def gauss_newton(self, thetas: Tensor, V: Tensor) -> Tensor:
-        """(G(θ_m) + μI − ε Jₘᵀ H_y,ₘ Jₘ) v_m per row; thetas, V: (R, d). PSD."""
-        p = self.problem
+        """(G(θ_m) + μI − ε Jₘᵀ H_y,ₘ Jₘ) v_m per row; thetas, V: (R, d). PSD. The model's
+        products run in `products`' dtype; the result is in the problem's."""
+        p, q = self.problem, self.products
         p.counter.add("gnvp", (p.n_train + 1) * V.shape[0])
-        data = vmap(lambda th, v: p.gnvp_sum(th, v[None], p.train)[0])(thetas, V) / p.n_train
-        own = vmap(lambda th, v, x, t: p.gnvp_sum(th, v[None], Batch(x[None], t[None]))[0])(
-            thetas, V, self.x_m, self.t_m)
-        return (data + self.mu * V - p.epsilon * own).detach()
+        th, v_q, x_m, t_m = (z.to(q.dtype) if z.is_floating_point() else z for z in (thetas, V, self.x_m, self.t_m))
+        data = vmap(lambda th, v: q.gnvp_sum(th, v[None], q.train)[0])(th, v_q) / p.n_train
+        own = vmap(lambda th, v, x, t: q.gnvp_sum(th, v[None], Batch(x[None], t[None]))[0])(th, v_q, x_m, t_m)
+        return ((data - p.epsilon * own).to(p.dtype) + self.mu * V).detach()
 
 
 def pbrf_epochs(problem: Problem, removed: Tensor, recipe: Recipe) -> tuple[Tensor, dict]:
@@ -280,7 +289,7 @@ def pbrf(problem: Problem, removed: Tensor, curvature: DampedGaussNewton) -> tup
     """
     settings = curvature.settings
     start = time.perf_counter()
-    objective = PBRFObjective(problem, removed, curvature.mu)
+    objective = PBRFObjective(problem, removed, curvature.mu, settings.gauss_newton_dtype)
     precond = _LeaveOneOutPreconditioner(problem, removed, curvature)
     scale = problem.epsilon * torch.linalg.vector_norm(problem.train_gradients(removed), dim=-1)
     Delta = torch.zeros(len(removed), problem.n_params, dtype=problem.dtype, device=problem.device)

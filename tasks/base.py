@@ -79,6 +79,8 @@ class GroundTruthConfig:
     0: none); also in the key only when set. preconditioner_dtype: the dense factor inside the
     PBRF solve's preconditioner in this dtype ("float32"; None: the problem's), see
     benchmark.responses.SolverSettings; in the PBRF's key only, and only when set.
+    gauss_newton_dtype: the Gauss–Newton products of the PBRF solve's inner CG in this dtype
+    ("float32"; None: the problem's), likewise (SolverSettings).
     """
 
     n_removed: int
@@ -92,6 +94,7 @@ class GroundTruthConfig:
     example_chunk: int | None = None
     n_second_solve: int | None = None
     preconditioner_dtype: str | None = None
+    gauss_newton_dtype: str | None = None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,42 @@ def test_float32_preconditioner_solves_the_same_pbrf(mlp):
     assert (reference.norm(dim=1) > 0).all()
 
 
+def test_float32_gauss_newton_products_solve_the_same_pbrf(mlp):
+    """Float32 Gauss–Newton products in the inner CG (GroundTruthConfig.gauss_newton_dtype) only
+    change the search directions: the objective, its gradient and the stopping test stay in
+    float64, so the solve reaches the float64 minimiser, within the certificate's bound."""
+    problem = mlp((5, 6, 4), "tanh", n_train=60, weight_decay=5e-2, train_steps=30)
+    settings = SolverSettings(pbrf_tol=1e-10)
+    mu = problem.weight_decay + problem.damping
+    reference, ref_cert = pbrf(problem, REMOVED, DampedGaussNewton(problem, mu, settings))
+    low = dataclasses.replace(settings, gauss_newton_dtype="float32")
+    Delta, cert = pbrf(problem, REMOVED, DampedGaussNewton(problem, mu, low))
+    assert all(ref_cert["converged"]) and all(cert["converged"]), (ref_cert, cert)
+    assert Delta.dtype == torch.float64
+    scale = problem.epsilon * problem.train_gradients(REMOVED).norm(dim=1)
+    bound = (torch.tensor(cert["relative_gradient_norm"]) + torch.tensor(ref_cert["relative_gradient_norm"])) \
+        * scale / mu
+    assert ((Delta - reference).norm(dim=1) <= bound).all()
+    assert (reference.norm(dim=1) > 0).all()
+
+
+def test_lowered_problem_products_are_rounded_float64_ones(mlp):
+    """Problem.lowered(float32): the same Gauss–Newton products to float32 rounding (not bitwise:
+    it is a copy in the other dtype), sharing the counter and leaving the problem untouched."""
+    problem = mlp((5, 6, 4), "tanh", n_train=60, weight_decay=5e-2, train_steps=30)
+    before = problem.params.clone()
+    low = problem.lowered(torch.float32)
+    assert low.params.dtype == low.train.inputs.dtype == torch.float32
+    assert problem.params.dtype == problem.train.inputs.dtype == torch.float64
+    V = torch.randn(3, problem.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = problem.gnvp(V)
+    rounded = low.gnvp(V.float()).double()
+    err = float((rounded - exact).norm() / exact.norm())
+    assert 1e-10 < err < 1e-5
+    assert low.counter is problem.counter and problem.counter.counts["gnvp"] == 2 * 3 * problem.n_train
+    assert torch.equal(problem.params, before)
+
+
 def test_lowered_factor_is_an_approximate_inverse():
     g = torch.Generator().manual_seed(0)
     M = torch.randn(40, 40, dtype=torch.float64, generator=g)
@@ -73,6 +109,12 @@ def test_task_preconditioner_dtype_keys_the_pbrf_only():
     for other in ("linear", "cold", "pbrf-epochs"):
         key = response_fingerprint(task, "cpu", other, settings)
         assert "preconditioner_dtype" not in key["solver"] and "preconditioner_dtype" not in key["ground_truth"]
+    assert solver_settings(get_task("transformer-ptb"), "cpu").gauss_newton_dtype == "float32"  # tasks/transformer.py
+    for field in ("preconditioner_dtype", "gauss_newton_dtype"):  # unset: no key, set: the PBRF's key only
+        assert field not in response_fingerprint(task, "smoke", "pbrf", solver_settings(task, "smoke"))["solver"]
+        low = dataclasses.replace(settings, **{field: "float32"})
+        assert response_fingerprint(task, "cpu", "pbrf", low)["solver"][field] == "float32"
+        assert response_fingerprint(task, "cpu", "cold", low) == response_fingerprint(task, "cpu", "cold", settings)
     float64 = dataclasses.replace(settings, preconditioner_dtype=None)
     assert response_fingerprint(task, "cpu", "linear", float64) == response_fingerprint(task, "cpu", "linear", settings)
     assert response_fingerprint(task, "cpu", "pbrf-check", float64) != \
