@@ -347,10 +347,18 @@ def pbrf_epochs_replicate(problem: Problem, removed: Tensor, recipe: Recipe, sco
     second, _ = stacked_evaluations(problem, Delta, problem.train.inputs[:1])
     trusted = ~untrusted_rows(cert) & ~untrusted_rows(certificate)[positions.numpy()]
     summary = disagreement(scores[:, positions].cpu().numpy(), second.cpu().numpy(), trusted, seed=problem.seed)
-    return {**summary, "removed": removed[positions.to(removed.device)].tolist(),
-            "method": "pbrf-epochs again with batch-order seed + 1",
-            "converged_fraction": 0.0, "max_relative_gradient_norm": float(np.max(cert["relative_gradient_norm"])),
-            "status_counts": status_counts(cert["status"]), "seconds": cert["seconds"]}
+    return error_bar(summary, removed[positions.to(removed.device)], "pbrf-epochs again with batch-order seed + 1",
+                     cert)
+
+
+def error_bar(summary: dict, removed, method: str, certificate: dict) -> dict:
+    """A ground truth's error bar as reported: the disagreement `summary` of its second solve
+    (or run) with the first, which removed examples it covers, how it was computed, and how
+    that second solve ended (its own certificate)."""
+    return {**summary, "removed": [int(i) for i in removed], "method": method,
+            "converged_fraction": float(np.mean(certificate["converged"])),
+            "max_relative_gradient_norm": float(np.max(certificate["relative_gradient_norm"])),
+            "status_counts": status_counts(certificate["status"]), "seconds": certificate["seconds"]}
 
 
 def compute_second_solve(problem: Problem, removed: Tensor, eval_idx: Tensor, first: dict, k: int, seed: int,

@@ -23,8 +23,8 @@ from tasks import check_scale, get_task
 
 from . import guard, retraining, torch_state
 from .cache import Cache, atomic_write_text
-from .ground_truth import (RESPONSES, SECOND_SOLVE, GroundTruth, build_problem, load_ground_truth, status_counts,
-                           untrusted_rows)
+from .ground_truth import (RESPONSES, SECOND_SOLVE, GroundTruth, build_problem, error_bar, load_ground_truth,
+                           status_counts, untrusted_rows)
 from .measure import machine_load, measure
 from .metrics import correlations, output_distance
 from .problem import Batch, Problem, TimeBudgetExceeded
@@ -153,12 +153,7 @@ def second_solve_summary(check: dict) -> dict:
     """The ground truth's error bar from its second solve (ground_truth.compute_second_solve):
     median / max relative score error, the ceiling Pearson [95 % interval], and how the second
     solve ended."""
-    cert = check["certificate"]
-    statuses = cert["status"]
-    return {**check["summary"], "removed": [int(i) for i in check["removed"]], "method": cert["method"],
-            "converged_fraction": float(np.mean(cert["converged"])),
-            "max_relative_gradient_norm": float(np.max(cert["relative_gradient_norm"])),
-            "status_counts": status_counts(statuses), "seconds": cert["seconds"]}
+    return error_bar(check["summary"], check["removed"], check["certificate"]["method"], check["certificate"])
 
 
 class Session:
