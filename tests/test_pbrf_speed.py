@@ -2,7 +2,8 @@
 
 A float32 dense factor inside the leave-one-out preconditioner, or float32 Gauss–Newton
 products, only change the inner CG iterates: every row still converges to
-‖∇J_m‖ ≤ tol·ε‖∇ℓₘ‖ in float64, so both solves reach the same local minimiser, to within (‖∇J₃₂‖ + ‖∇J₆₄‖) / λ_min(∇²J_m) of each other.
+‖∇J_m‖ ≤ tol·ε‖∇ℓₘ‖ in float64, so both solves reach the same local minimiser, to within
+(‖∇J₃₂‖ + ‖∇J₆₄‖) / λ_min(∇²J_m) of each other.
 """
 from __future__ import annotations
 
