@@ -197,6 +197,8 @@ class PBRFObjective:
         th, v_q, x_m, t_m = (z.to(q.dtype) if z.is_floating_point() else z for z in (thetas, V, self.x_m, self.t_m))
         data = vmap(lambda th, v: q.gnvp_sum(th, v[None], q.train)[0])(th, v_q) / p.n_train
         own = vmap(lambda th, v, x, t: q.gnvp_sum(th, v[None], Batch(x[None], t[None]))[0])(th, v_q, x_m, t_m)
+        if q is p:  # the problem's own dtype: the float64 products as they always were, bit for bit
+            return (data + self.mu * V - p.epsilon * own).detach()
         return ((data - p.epsilon * own).to(p.dtype) + self.mu * V).detach()
 
 
