@@ -300,8 +300,7 @@ class Problem:
     # ---- curvature products ------------------------------------------------------------------
     def _output_hvp(self, out: Tensor, targets: Tensor, v_out: Tensor) -> Tensor:
         """H_y v in output space: Hessian of Σᵢ L(yᵢ, tᵢ) at y=out applied to v_out (n, C)."""
-        g = grad(lambda o: self.loss(o, targets).sum())
-        return jvp(g, (out,), (v_out,))[1]
+        return output_hvp(self.loss, out, targets, v_out)
 
     def gnvp_sum(self, theta: Tensor, vectors: Tensor, batch: Batch) -> Tensor:
         """Σ_{i∈batch} Jᵢᵀ H_y,ᵢ Jᵢ v at θ for vectors (k, d) -> (k, d); uncounted, vmappable over θ."""
@@ -372,8 +371,23 @@ class Problem:
         return G / len(batch)
 
 
+def output_hvp(loss: LossFn, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
+    """H_y v: the Hessian of Σᵢ L(yᵢ, tᵢ) in the outputs (n, C) applied to v (n, C) -> (n, C); in
+    closed form where the loss has one (`loss.output_hvp`, tasks.losses), else by autodiff (a jvp
+    of the output gradient)."""
+    closed_form = getattr(loss, "output_hvp", None)
+    if closed_form is not None:
+        return closed_form(outputs, targets, v)
+    return jvp(grad(lambda o: loss(o, targets).sum()), (outputs,), (v,))[1]
+
+
 def output_hessians(loss: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
-    """∇²_y L(yᵢ, tᵢ) for each example: outputs (n, C) -> (n, C, C)."""
+    """∇²_y L(yᵢ, tᵢ) for each example: outputs (n, C) -> (n, C, C); from the closed-form
+    Hessian–vector product on the C unit vectors where the loss has one, else by autodiff."""
+    if getattr(loss, "output_hvp", None) is not None:
+        eye = torch.eye(outputs.shape[1], dtype=outputs.dtype, device=outputs.device)
+        columns = vmap(lambda e: output_hvp(loss, outputs, targets, e.expand_as(outputs)))(eye)  # (C, n, C)
+        return columns.permute(1, 2, 0).detach()  # H[i, :, c] = H_i e_c
     one = lambda y, t: loss(y.unsqueeze(0), t.unsqueeze(0))[0]
     return vmap(torch.func.hessian(one))(outputs, targets).detach()
 
@@ -397,5 +411,5 @@ def flat_norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=-1)
 
 
-__all__ = ["Batch", "FunctionalModel", "EvaluationCounter", "Problem", "TimeBudgetExceeded", "output_hessians",
+__all__ = ["Batch", "FunctionalModel", "EvaluationCounter", "Problem", "TimeBudgetExceeded", "output_hessians", "output_hvp",
            "psd_sqrt", "flat_norm"]

@@ -33,12 +33,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmark.problem import Batch, FunctionalModel, Problem
 from benchmark.training import lbfgs
 from tasks.base import Recipe
+from tasks.losses import cross_entropy, squared_error
 
 from .base import Estimator, NotFittedError
 
@@ -73,14 +73,6 @@ class EstimatorCheckError(AssertionError):
 
 
 # ---- problems ----------------------------------------------------------------------------------
-
-def _squared_error(out: Tensor, t: Tensor) -> Tensor:
-    return 0.5 * (out - t).pow(2).sum(1)
-
-
-def _cross_entropy(out: Tensor, t: Tensor) -> Tensor:
-    return F.cross_entropy(out, t, reduction="none")
-
 
 @dataclass
 class LinearProblem:
@@ -118,7 +110,7 @@ def linear_problem(n_train: int = 200, n_features: int = 5, n_query: int = 6, we
                                X.T @ t / n_train)
     model = FunctionalModel(nn.Linear(n_features, 1, bias=False).to(DTYPE))
     problem = Problem(task="check-linear", scale="smoke", model=model, params=theta.clone(),
-                      train=Batch(X, t[:, None]), query=Batch(Xq, tq[:, None]), loss=_squared_error,
+                      train=Batch(X, t[:, None]), query=Batch(Xq, tq[:, None]), loss=squared_error,
                       damping=damping, weight_decay=weight_decay, seed=seed)
     return LinearProblem(problem, X, t, theta)
 
@@ -150,10 +142,10 @@ def mlp_problem(n_train: int = 48, n_query: int = 5, sizes: tuple[int, int, int]
     module = _TinyMLP(n_in, hidden, n_out)
     torch.random.set_rng_state(state)
     model = FunctionalModel(module)
-    theta = lbfgs(model, _cross_entropy, Batch(X, y), model.flatten(),
+    theta = lbfgs(model, cross_entropy, Batch(X, y), model.flatten(),
                   Recipe("lbfgs", epochs=train_steps, weight_decay=weight_decay))
     return Problem(task="check-mlp", scale="smoke", model=model, params=theta, train=Batch(X, y),
-                   query=Batch(Xq, yq), loss=_cross_entropy, damping=damping, weight_decay=weight_decay,
+                   query=Batch(Xq, yq), loss=cross_entropy, damping=damping, weight_decay=weight_decay,
                    seed=seed)
 
 

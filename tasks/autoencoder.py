@@ -40,10 +40,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from . import data as datasets
 from .base import NOT_AT_CPU_SCALE, GroundTruthConfig, Recipe, ScaleConfig, Splits, Task
+from .losses import binary_cross_entropy
 
 
 def autoencoder(n_in: int, widths: tuple[int, ...]) -> nn.Module:
@@ -86,8 +87,7 @@ class MnistAutoencoder(Task):
         params = self.config(scale).params
         return autoencoder(784 // params.get("pool", 1) ** 2, tuple(params["widths"]))
 
-    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return F.binary_cross_entropy_with_logits(outputs, targets, reduction="none").sum(dim=1)
+    loss = binary_cross_entropy
 
     def data(self, scale, data_root):
         x, _labels = datasets.load_mnist(data_root)

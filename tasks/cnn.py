@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from . import data as datasets
 from .base import NOT_AT_CPU_SCALE, GroundTruthConfig, Recipe, ScaleConfig, Splits, Task
+from .losses import cross_entropy
 
 
 # ---------------------------------------------------------------- models
@@ -309,8 +310,7 @@ class CNNTask(Task):
         c, size = self._geometry
         return build(c, size // _DOWNSAMPLE[scale], **widths[scale])
 
-    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(outputs, targets, reduction="none")
+    loss = cross_entropy
 
     def _pools(self, data_root) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(train pool x uint8 (n, H, W, C), y, query pool x, y)."""

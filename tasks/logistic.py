@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from . import data as datasets
 from .base import GroundTruthConfig, Recipe, ScaleConfig, Splits, Task, split_indices, standardize
+from .losses import binary_cross_entropy
 
 _RECIPE = Recipe(optimizer="lbfgs", epochs=2000, weight_decay=0.01, seed=0)
 _GROUND_TRUTH = {
@@ -46,8 +46,7 @@ class LogisticTask(Task):
     def model(self, scale):
         return nn.Linear(self._n_features, 1)
 
-    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return F.binary_cross_entropy_with_logits(outputs[:, 0], targets, reduction="none")
+    loss = binary_cross_entropy  # the (n, 1) logit against the (n,) labels
 
 
 class CancerLR(LogisticTask):

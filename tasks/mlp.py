@@ -9,11 +9,11 @@ The sizes of each scale are in the `_SCALES` tables below, with the reasons.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data as datasets
 from .base import GroundTruthConfig, Recipe, ScaleConfig, Splits, Task, split_indices, standardize
+from .losses import cross_entropy, squared_error
 
 
 def mlp(n_in: int, hidden: int, n_out: int) -> nn.Module:
@@ -63,8 +63,7 @@ class RegressionMLP(MLPTask):
         y_train, y_query = standardize(y[train], y[query])
         return Splits(x_train, y_train, x_query, y_query)
 
-    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return 0.5 * (outputs - targets).pow(2).sum(dim=1)
+    loss = squared_error
 
 
 class ConcreteMLP(RegressionMLP):
@@ -117,8 +116,7 @@ class ImageMLP(MLPTask):
         as_input = lambda x: x.reshape(len(x), -1).to(self.dtype) / 255.0
         return Splits(as_input(x_pool[train]), y_pool[train], as_input(x_q[query]), y_q[query])
 
-    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(outputs, targets, reduction="none")
+    loss = cross_entropy
 
 
 class MnistMLP(ImageMLP):

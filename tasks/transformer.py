@@ -57,11 +57,11 @@ import math
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data as datasets
 from .base import GroundTruthConfig, Recipe, ScaleConfig, Splits, Task
+from .losses import token_cross_entropy
 
 UNK, EOS = "<unk>", "<eos>"
 
@@ -181,10 +181,7 @@ class PTBTransformer(Task):
         p = self.config(scale).params
         return CausalTransformer(self._vocab_size(scale), p["seq_len"], p["hidden"], p["heads"], p["layers"])
 
-    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        n, T = targets.shape
-        logits = outputs.reshape(n * T, -1)
-        return F.cross_entropy(logits, targets.reshape(-1), reduction="none").reshape(n, T).mean(dim=1)
+    loss = token_cross_entropy
 
     def data(self, scale, data_root):
         p = self.config(scale).params
