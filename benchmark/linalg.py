@@ -150,3 +150,46 @@ class CholeskySolver:
         X = self.solve(B)
         res = relative_residual(self.matvec, X, B)
         return X, SolveInfo("dense", 0, res, True)
+
+
+class KernelSolver:
+    """Solves with A = μI + FᵀF/n (d, d) for a factor F (m, d) with m < d, never forming A:
+    by Woodbury, A⁻¹ = (1/μ) (I − Fᵀ (nμI + FFᵀ)⁻¹ F), the m×m kernel factorised once.
+
+    Costs m²d/2 + m³/3 flops to set up against md²/2 + d³/3 for the dense Cholesky of A, and
+    4md per right-hand side against 2d²: for a Gauss–Newton matrix G = FᵀF/n of n examples with
+    C outputs each, m ≤ n·C, so it is the cheaper direct solve where n·C is below d/2 (`cheaper`:
+    the smoke MLPs and most smoke CNNs). Same interface as CholeskySolver."""
+
+    def __init__(self, F: Tensor, n: int, mu: float):
+        self.F, self.n, self.mu = F, n, float(mu)
+        K = add_gram_(torch.zeros(len(F), len(F), dtype=F.dtype, device=F.device), F.T)
+        self.kernel = CholeskySolver(K + n * self.mu * torch.eye(len(F), dtype=F.dtype, device=F.device))
+
+    @staticmethod
+    def cheaper(m: int, d: int) -> bool:
+        """Whether m rows make both the set-up and every solve cheaper than the dense ones (m < d/2).
+        Measured on mlp-mnist at cpu (m = 10,000 rows, d = 13,002), where only the set-up is: set-up
+        80 → 51 s, but its PBRF solve, whose preconditioner solves every inner iteration, 8.1 → 13.8 s
+        for 8 removed examples (one thread)."""
+        return 2 * m < d
+
+    def solve(self, B: Tensor) -> Tensor:
+        """A⁻¹ bᵣ for every row of B (k, d) -> (k, d)."""
+        F = self.F
+        W = self.kernel.solve(B.to(F.dtype) @ F.T)  # (k, m)
+        return ((B.to(F.dtype) - W @ F) / self.mu).to(B.dtype)
+
+    def lowered(self, dtype: torch.dtype) -> "KernelSolver":
+        """The same solver rounded to `dtype` (solves only), as CholeskySolver.lowered."""
+        low = object.__new__(KernelSolver)
+        low.F, low.n, low.mu, low.kernel = self.F.to(dtype), self.n, self.mu, self.kernel.lowered(dtype)
+        return low
+
+    def matvec(self, X: Tensor) -> Tensor:
+        return self.mu * X + (X @ self.F.T) @ self.F / self.n
+
+    def solve_with_info(self, B: Tensor) -> tuple[Tensor, SolveInfo]:
+        X = self.solve(B)
+        res = relative_residual(self.matvec, X, B)
+        return X, SolveInfo("kernel", 0, res, True)

@@ -346,6 +346,28 @@ class Problem:
     #: need 22 GB for 1,000 examples
     JACOBIAN_MAX_NUMBERS = 2 ** 27
 
+    def _gauss_newton_row_chunks(self, batch: Batch, theta: Tensor):
+        """Yields, chunk by chunk of `batch`, (rows (m_c, d), examples in the chunk): each
+        example's Rᵢᵀ Jᵢ with H_y,ᵢ = Rᵢ Rᵢᵀ (the output Hessian's null directions left out, so
+        m_c ≤ chunk · C), so that Σᵢ Jᵢᵀ H_y,ᵢ Jᵢ = Σ rowsᵀ rows."""
+        d = theta.numel()
+        n_outputs = self.model(theta, batch.inputs[:1]).numel()
+        for c in self._chunks(batch, max(1, min(self.chunk_size, self.JACOBIAN_MAX_NUMBERS // (n_outputs * d)))):
+            J = vmap(jacrev(lambda th, x: self.model(th, x.unsqueeze(0))[0]), in_dims=(None, 0))(theta, c.inputs)
+            out = self.model(theta, c.inputs).detach()
+            H = output_hessians(self.loss, out, c.targets)  # (n, C, C)
+            root = psd_sqrt(H, drop_null=True)  # H = R Rᵀ, R (n, C, rank)
+            yield torch.einsum("ncd,nce->ned", J.detach(), root).reshape(-1, d), len(c)  # rows Rᵀ J
+
+    def gauss_newton_rows(self, batch: Batch | None = None, params: Tensor | None = None) -> Tensor:
+        """F (m, d) with G = Fᵀ F / n over `batch` (default: training set), m ≤ n·C rows: the
+        factor of G that a kernel (Woodbury) solve needs when m < d. Costs n Jacobians, counted
+        as gauss_newton_matrix's."""
+        theta = self._theta(params)
+        batch = self.train if batch is None else batch
+        self.counter.add("gnvp", len(batch) * theta.numel())  # the Jacobians of gauss_newton_matrix
+        return torch.cat([rows for rows, _ in self._gauss_newton_row_chunks(batch, theta)])
+
     def gauss_newton_matrix(self, batch: Batch | None = None, params: Tensor | None = None) -> Tensor:
         """The dense G (d, d) over `batch` (default: training set). Costs n·C·d² flops."""
         theta = self._theta(params)
@@ -353,17 +375,11 @@ class Problem:
         d = theta.numel()
         self.counter.add("gnvp", len(batch) * d)  # equivalent to d products
         G = torch.zeros(d, d, dtype=theta.dtype, device=theta.device)
-        n_outputs = self.model(theta, batch.inputs[:1]).numel()
         start = last = time.perf_counter()
         done = 0
-        for c in self._chunks(batch, max(1, min(self.chunk_size, self.JACOBIAN_MAX_NUMBERS // (n_outputs * d)))):
-            J = vmap(jacrev(lambda th, x: self.model(th, x.unsqueeze(0))[0]), in_dims=(None, 0))(theta, c.inputs)
-            out = self.model(theta, c.inputs).detach()
-            H = output_hessians(self.loss, out, c.targets)  # (n, C, C)
-            root = psd_sqrt(H, drop_null=True)  # H = R Rᵀ, R (n, C, rank)
-            A = torch.einsum("ncd,nce->ned", J.detach(), root)  # rows Rᵀ J
-            add_gram_(G, A.reshape(-1, d))
-            done += len(c)
+        for rows, n in self._gauss_newton_row_chunks(batch, theta):
+            add_gram_(G, rows)
+            done += n
             if time.perf_counter() - last > 10 and done < len(batch):  # progress of a long build only
                 last, elapsed = time.perf_counter(), time.perf_counter() - start
                 log.info("%s dense Gauss-Newton matrix (d = %d): %d/%d examples, %.0f s, about %.0f s left",

@@ -21,7 +21,7 @@ from torch.func import grad, vmap
 
 from tasks.base import Recipe
 
-from .linalg import CholeskySolver, SolveInfo, batched_cg
+from .linalg import CholeskySolver, KernelSolver, SolveInfo, batched_cg
 from .problem import Batch, Problem, output_hessians, psd_sqrt
 from .training import sgd, stable_sgd_recipe
 
@@ -54,18 +54,28 @@ class SolverSettings:
 
 
 class DampedGaussNewton:
-    """Solves (G + μ I) X = B at θˢ over the training set, dense or by CG (chosen by d)."""
+    """Solves (G + μ I) X = B at θˢ over the training set: directly where d ≤ dense_max_params
+    (`dense`: the Cholesky factor of G + μI, or, where the N·C rows of G's factor F (G = FᵀF/N)
+    make it cheaper, a Woodbury solve on the kernel FFᵀ: linalg.KernelSolver), by CG otherwise."""
 
     def __init__(self, problem: Problem, mu: float, settings: SolverSettings):
         self.problem, self.mu, self.settings = problem, mu, settings
-        self.dense: CholeskySolver | None = None
-        if problem.n_params <= settings.dense_max_params:
-            G = problem.gauss_newton_matrix()
-            self.dense = CholeskySolver(G + mu * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
+        self.dense: CholeskySolver | KernelSolver | None = None
+        d = problem.n_params
+        if d <= settings.dense_max_params:
+            n_outputs = problem.outputs(problem.train.inputs[:1]).numel()
+            if KernelSolver.cheaper(problem.n_train * n_outputs, d):
+                self.dense = KernelSolver(problem.gauss_newton_rows(), problem.n_train, mu)
+            else:
+                G = problem.gauss_newton_matrix()
+                self.dense = CholeskySolver(G + mu * torch.eye(d, dtype=G.dtype, device=G.device))
 
     @property
     def method(self) -> str:
-        return "dense" if self.dense is not None else "cg"
+        """"dense" (Cholesky of G + μI), "kernel" (Woodbury on FFᵀ) or "cg"."""
+        if self.dense is None:
+            return "cg"
+        return "kernel" if isinstance(self.dense, KernelSolver) else "dense"
 
     def matvec(self, X: Tensor) -> Tensor:
         if self.dense is not None:
@@ -91,8 +101,8 @@ class _LeaveOneOutPreconditioner:
     """P_m = G + μI − ε Jₘᵀ H_y,ₘ Jₘ at θˢ: the Gauss–Newton matrix of J_m at Δ = 0.
 
     Removing m's own term makes P_m the curvature that J_m actually has near θˢ; it
-    preconditions the Gauss–Newton systems of the PBRF solve (dense: Woodbury on the
-    Cholesky factor of G + μI). Without a dense factor there is no preconditioner.
+    preconditions the Gauss–Newton systems of the PBRF solve (Woodbury on the direct solver
+    of G + μI, dense or kernel). Without a direct solver (CG) there is no preconditioner.
     """
 
     def __init__(self, problem: Problem, removed: Tensor, curvature: DampedGaussNewton):
@@ -362,7 +372,7 @@ def pbrf(problem: Problem, removed: Tensor, curvature: DampedGaussNewton) -> tup
         "status": status,
         "tolerance": settings.pbrf_tol,
         "inner_iterations": inner_iterations,
-        "preconditioner": "leave-one-out Gauss-Newton (dense)" if precond.dense is not None else "none",
+        "preconditioner": f"leave-one-out Gauss-Newton ({curvature.method})" if precond.dense is not None else "none",
         "seconds": time.perf_counter() - start,
     }
     return Delta, certificate

@@ -1,8 +1,9 @@
 """`exact`: the linearized PBRF itself, Δθ₋ₘ = ε (G + (wd+λ)I)⁻¹ ∇ℓₘ(θˢ).
 
-A dense Cholesky solve when d ≤ dense_max_params and forming the dense G costs at most
-dense_max_flops (N·C·d² for C outputs), float64 CG to a relative residual of 1e-10 otherwise
-(the result records which through `solver_`). Both are exact to the tolerance; the flop bound
+A direct solve when d ≤ dense_max_params and forming the dense G costs at most
+dense_max_flops (N·C·d² for C outputs): the Cholesky factor of G + μI, or a Woodbury solve on
+the N·C × N·C kernel where that is cheaper (N·C below d: benchmark.linalg.KernelSolver);
+float64 CG to a relative residual of 1e-10 otherwise (the result records which through `solver_`). Both are exact to the tolerance; the flop bound
 picks the cheaper where outputs are many: the cpu autoencoder (C = 196, d = 14,124: N·C·d² =
 3.9e13) took 979 s dense and 616 s by CG to 1e-10 (one thread, the other core busy; 14.1M vs
 14.6M counted evaluations) for the same Pearson 0.973, while every C ≤ 10 task (at most

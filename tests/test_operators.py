@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.functional import hessian, jacobian
 
-from benchmark.linalg import CholeskySolver, add_gram_, batched_cg, relative_residual
+from benchmark.linalg import CholeskySolver, KernelSolver, add_gram_, batched_cg, relative_residual
 from benchmark.problem import Batch, EvaluationCounter, Problem, output_hessians, psd_sqrt
 
 SIZES = (5, 4, 4, 3)
@@ -309,6 +309,42 @@ def test_cholesky_solver(spd):
     assert info.method == "dense" and float(info.relative_residual.max()) < 1e-12
     with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
         CholeskySolver(-A)
+
+
+def test_gauss_newton_rows_factor_g(problem, reference):
+    """G = FᵀF / N for the rows F (at most N·C of them; the softmax's null direction left out)."""
+    F_rows = problem.gauss_newton_rows()
+    assert F_rows.shape[1] == problem.n_params and len(F_rows) <= N * SIZES[-1]
+    torch.testing.assert_close(F_rows.T @ F_rows / N, reference["G"], rtol=1e-10, atol=1e-12)
+
+
+def test_kernel_solver_is_the_dense_solve(problem, reference):
+    """Woodbury on the N·C-row kernel solves (G + μI) X = B as the dense Cholesky does."""
+    mu = 0.05
+    A = reference["G"] + mu * torch.eye(problem.n_params, dtype=torch.float64)
+    B = vectors(problem.n_params, k=3)
+    solver = KernelSolver(problem.gauss_newton_rows(), N, mu)
+    X, info = solver.solve_with_info(B)
+    torch.testing.assert_close(X, CholeskySolver(A).solve(B), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(solver.matvec(X), B, rtol=1e-9, atol=1e-11)
+    assert info.method == "kernel" and float(info.relative_residual.max()) < 1e-12
+    low = solver.lowered(torch.float32)
+    assert low.F.dtype == torch.float32 and low.solve(B).dtype == torch.float64
+    assert float((low.solve(B) - X).norm() / X.norm()) < 1e-4
+
+
+def test_damped_gauss_newton_takes_the_cheaper_direct_solve(mlp):
+    """N·C < d: the kernel solve, with the dense solve's answer; otherwise the dense Cholesky."""
+    from benchmark.responses import DampedGaussNewton, SolverSettings
+    few = mlp(SIZES, "tanh", n_train=8, train_steps=5)  # N·C = 24 rows against d = 59
+    kernel = DampedGaussNewton(few, 0.05, SolverSettings())
+    assert kernel.method == "kernel"
+    A = few.gauss_newton_matrix() + 0.05 * torch.eye(few.n_params, dtype=torch.float64)
+    B = vectors(few.n_params, k=2)
+    torch.testing.assert_close(kernel.solve(B)[0], torch.linalg.solve(A, B.T).T, rtol=1e-9, atol=1e-11)
+    assert DampedGaussNewton(mlp(SIZES, "tanh", n_train=N, train_steps=5), 0.05, SolverSettings()).method == "dense"
+    assert KernelSolver.cheaper(3000, 6442)  # mlp-mnist at smoke
+    assert not KernelSolver.cheaper(10000, 13002) and not KernelSolver.cheaper(10000, 3550)  # mlp-mnist, lenet at cpu
 
 
 @pytest.mark.parametrize("block", [1, 4, 7, 100])
