@@ -13,7 +13,9 @@ one after another on the CPU; see benchmark.perf) after the setup, so
     projected seconds ≈ setup + R × (one PBRF solve)
 
 is what one removed example at a time would cost. The default LiSSA's cost is projected from
-the measured Gauss–Newton product: depth × min(batch, N) / N × R products over N, with the depth
+one of its steps, measured: depth × (one Gauss–Newton product of R vectors over a minibatch of
+min(batch, N) examples; many vectors on a CNN go through the Jacobians, Problem.gnvp_sum, so R
+products of one vector would overstate it), with the depth
 its rule picks for the problem (`lissa_depth`), or, where its full-batch closed form applies
 (batch ≥ N, estimators/lissa.py), the measured seconds of its fit, which does that work. Each task's
 numbers go to
@@ -91,9 +93,14 @@ def measure_task(task_name: str, scale: str, data_root: Path | None, cache_dir: 
     start = time.perf_counter()
     lissa = make_estimator("lissa").fit(problem)  # its default depth depends on the problem (20 products)
     out["lissa_depth"], out["lissa_closed_form"] = lissa.depth_, lissa.eigh_ is not None
-    out["lissa_projected_seconds"] = (time.perf_counter() - start if out["lissa_closed_form"] else
-                                      lissa.depth_ * min(lissa.batch_size, problem.n_train) / problem.n_train
-                                      * cfg.n_removed * out["gnvp_seconds"])
+    if out["lissa_closed_form"]:
+        out["lissa_projected_seconds"] = time.perf_counter() - start
+    else:
+        minibatch = problem.train.subset(torch.arange(min(lissa.batch_size, problem.n_train), device=problem.device))
+        step = vector.expand(cfg.n_removed, -1).clone()
+        problem.gnvp(step, batch=minibatch)  # warm-up (the first call also counts the model's flops)
+        out["lissa_step_seconds"] = _timed(lambda: problem.gnvp(step, batch=minibatch))
+        out["lissa_projected_seconds"] = lissa.depth_ * out["lissa_step_seconds"]
     if out["setup_seconds"] is not None and out["pbrf_seconds"] is not None:
         out["projected_ground_truth_seconds"] = out["setup_seconds"] + cfg.n_removed * out["pbrf_seconds"]
     else:

@@ -46,16 +46,6 @@ def matmul_gflops(dtype: torch.dtype, device: str, n: int = 2048, repeats: int =
     return 2 * n ** 3 / best_seconds(lambda: a @ a, repeats, device) / 1e9
 
 
-def forward_flops_per_example(problem: Problem, n: int = 8) -> float:
-    """Flops of one forward pass f(θˢ, x) per example, counted by torch's FlopCounterMode
-    (matrix products and convolutions) over n training inputs."""
-    from torch.utils.flop_counter import FlopCounterMode
-    x = problem.train.inputs[:n]
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        problem.model(problem.params, x)
-    return counter.get_total_flops() / len(x)
-
-
 def model_flops(counts: dict, forward_flops: float) -> float:
     """Flops of the counted evaluations (kind -> examples × vectors) at forward_flops a forward."""
     return sum(FORWARDS_PER_EVALUATION.get(k, 0) * v for k, v in counts.items()) * forward_flops
@@ -107,7 +97,7 @@ def run(task_name: str, scale: str, n_removed: int | None, data_root: Path, cach
     result = {"task": task_name, "scale": scale, "n_params": problem.n_params, "n_train": problem.n_train,
               "device": device, "threads": torch.get_num_threads(),
               "matmul_gflops": matmul_gflops(problem.dtype, device),
-              "forward_flops_per_example": forward_flops_per_example(problem)}
+              "forward_flops_per_example": problem.forward_flops()}
     result["forward_flops_per_example_in_2d"] = result["forward_flops_per_example"] / (2 * problem.n_params)
     result["operators"] = operators(problem, repeats, device)
     forwards = {"forward": 1, "forward_backward": 3, "gradients": 3, "gnvp": 5, "gnvp_8_vectors": 40}

@@ -487,3 +487,43 @@ def test_train_loader_in_order_and_seeded_shuffle():
     state = torch.random.get_rng_state()
     list(p.train_loader(4)), list(p.train_loader(4, shuffle=True))
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def _conv_problem(n: int = 12, chunk_size: int = 1024) -> Problem:
+    """A small ReLU CNN classifier (a forward pass costs 10× 2d flops, as the CNN tasks' do)."""
+    from benchmark.problem import FunctionalModel
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Conv2d(3, 3, 3),
+                                 torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 3)).double()
+    model = FunctionalModel(module)
+    x, y = torch.randn(n, 1, 10, 10, generator=g, dtype=torch.float64), torch.randint(3, (n,), generator=g)
+    return Problem(task="conv", scale="smoke", model=model, params=model.flatten(), train=Batch(x, y),
+                   query=Batch(x[:2], y[:2]), loss=lambda o, t: F.cross_entropy(o, t, reduction="none"),
+                   damping=1e-3, weight_decay=1e-2, seed=0, chunk_size=chunk_size)
+
+
+def test_products_by_jacobians_only_for_many_vectors_on_a_cnn(mlp):
+    conv = _conv_problem()
+    assert conv.forward_flops() > 10 * 2 * conv.n_params
+    assert conv.products_by_jacobians(40) and not conv.products_by_jacobians(3)  # C = 3 outputs
+    assert not mlp(SIZES, "tanh", n_train=N).products_by_jacobians(40)  # an MLP's passes cost 2d
+    before = dict(conv.counter.counts)
+    conv.products_by_jacobians(40)
+    assert dict(conv.counter.counts) == before  # the rule evaluates nothing that counts
+
+
+@pytest.mark.parametrize("budget", [None, 2 * 3 * 441], ids=["one-chunk", "chunks-of-2"])  # C = 3, d = 441
+def test_gnvp_by_jacobians_is_the_vector_product(monkeypatch, budget):
+    """Many vectors on a CNN go through the Jacobians: the same G V (and minibatch, other θ)."""
+    if budget is not None:
+        monkeypatch.setattr(Problem, "JACOBIAN_MAX_NUMBERS", budget)
+    conv = _conv_problem()
+    V = vectors(conv.n_params, k=40)
+    theta = conv.params + 0.1 * V[0] / V[0].norm()
+    assert conv.products_by_jacobians(len(V))
+    by_jacobians = [conv.gnvp(V), conv.gnvp(V, batch=conv.train.subset(torch.arange(5))), conv.gnvp(V, params=theta)]
+    monkeypatch.setattr(Problem, "products_by_jacobians", lambda self, k: False)
+    by_vectors = [conv.gnvp(V), conv.gnvp(V, batch=conv.train.subset(torch.arange(5))), conv.gnvp(V, params=theta)]
+    for a, b in zip(by_jacobians, by_vectors):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13 * float(b.abs().max()))

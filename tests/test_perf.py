@@ -12,7 +12,7 @@ from tasks.data import default_data_root
 
 def test_forward_flops_of_an_mlp_are_twice_its_weights(mlp):
     problem = mlp((5, 4, 4, 3), "tanh")
-    assert perf.forward_flops_per_example(problem) == 2 * (5 * 4 + 4 * 4 + 4 * 3)  # biases are not products
+    assert problem.forward_flops() == 2 * (5 * 4 + 4 * 4 + 4 * 3)  # biases are not products
 
 
 def test_forward_flops_of_a_convolution_count_every_position():
@@ -27,7 +27,7 @@ def test_forward_flops_of_a_convolution_count_every_position():
                       query=Batch(x, y), loss=lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"),
                       damping=1e-3, weight_decay=0.0, seed=0)
     assert problem.n_params == 119
-    assert perf.forward_flops_per_example(problem) == 2 * 16 * 2 * 9 + 2 * 32 * 3
+    assert problem.forward_flops() == 2 * 16 * 2 * 9 + 2 * 32 * 3
 
 
 def test_model_flops_weights_each_kind_by_its_forward_passes():
