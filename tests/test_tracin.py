@@ -2,7 +2,6 @@
 Problem.checkpoints, estimators/tracin.py)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
