@@ -237,6 +237,7 @@ class Problem:
         low.params, low.theta0 = cast(self.params), cast(self.theta0)
         low.train = Batch(cast(self.train.inputs), cast(self.train.targets))
         low.query = Batch(cast(self.query.inputs), cast(self.query.targets))
+        low._train_jacobians = None  # its own, in its dtype
         return low
 
     # ---- library access ----------------------------------------------------------------------
@@ -360,23 +361,42 @@ class Problem:
         return total
 
     def _gnvp_sum_by_jacobians(self, theta: Tensor, vectors: Tensor, batch: Batch) -> Tensor:
-        """gnvp_sum through the per-example Jacobians: Jᵀ (H (J V)) by matrix products."""
+        """gnvp_sum through the per-example Jacobians, chunk by chunk."""
         total = torch.zeros_like(vectors)
         for c in self._chunks(batch, self._jacobian_chunk_size(theta, batch)):
-            J = self._output_jacobians(theta, c.inputs)  # (n, C, d)
-            n, C, d = J.shape
-            out = self.model(theta, c.inputs).detach()
-            JV = (J.reshape(n * C, d) @ vectors.T).T.reshape(-1, n, C)  # (k, n, C)
-            HJV = vmap(lambda u: self._output_hvp(out, c.targets, u))(JV)
-            total = total + HJV.reshape(-1, n * C) @ J.reshape(n * C, d)
+            J = self._output_jacobians(theta, c.inputs)
+            total = total + _jacobian_products(self, J, self.model(theta, c.inputs).detach(), c.targets, vectors)
         return total
+
+    #: the training set's Jacobians at θˢ are kept after the first product that takes them
+    #: (gnvp over the training set at θˢ: CG's every iteration) when they hold at most this many
+    #: numbers (1 GiB in float64; ResNet-20 at cpu: 98M); every later product is then two matrix
+    #: products. 0: never kept.
+    STORE_JACOBIANS_MAX = 2 ** 27
+
+    def _stored_train_jacobians(self) -> tuple[Tensor, Tensor] | None:
+        """(J (N, C, d), f(θˢ, x) (N, C)) over the training set at θˢ, computed once, or None
+        where they would hold more than STORE_JACOBIANS_MAX numbers."""
+        stored = getattr(self, "_train_jacobians", None)
+        if stored is None:
+            if self.n_train * self._n_outputs * self.n_params > self.STORE_JACOBIANS_MAX:
+                return None
+            J = torch.cat([self._output_jacobians(self.params, c.inputs)
+                           for c in self._chunks(self.train, self._jacobian_chunk_size(self.params, self.train))])
+            stored = self._train_jacobians = (J, self.model(self.params, self.train.inputs).detach())
+        return stored
 
     def gnvp(self, vectors: Tensor, batch: Batch | None = None, params: Tensor | None = None) -> Tensor:
         """G V for vectors (k, d) -> (k, d); G averaged over `batch` (default: the training set)."""
         theta = self._theta(params)
+        at_base = batch is None and params is None
         batch = self.train if batch is None else batch
         vectors = vectors.reshape(-1, theta.numel())
         self.counter.add("gnvp", len(batch) * vectors.shape[0])
+        if at_base and self.products_by_jacobians(vectors.shape[0]):
+            stored = self._stored_train_jacobians()
+            if stored is not None:
+                return _jacobian_products(self, *stored, batch.targets, vectors) / len(batch)
         return self.gnvp_sum(theta, vectors, batch).detach() / len(batch)
 
     def hvp(self, vectors: Tensor, batch: Batch | None = None, params: Tensor | None = None) -> Tensor:
@@ -439,6 +459,15 @@ class Problem:
                 log.info("%s dense Gauss-Newton matrix (d = %d): %d/%d examples, %.0f s, about %.0f s left",
                          self.task, d, done, len(batch), elapsed, elapsed * (len(batch) - done) / done)
         return G / len(batch)
+
+
+def _jacobian_products(problem: Problem, J: Tensor, out: Tensor, targets: Tensor, vectors: Tensor) -> Tensor:
+    """Σᵢ Jᵢᵀ H_y,ᵢ Jᵢ v for Jacobians J (n, C, d) at outputs `out` (n, C) and vectors (k, d)
+    -> (k, d): J V and Jᵀ (H J V) as matrix products."""
+    n, C, d = J.shape
+    JV = (J.reshape(n * C, d) @ vectors.T).T.reshape(-1, n, C)  # (k, n, C)
+    HJV = vmap(lambda u: problem._output_hvp(out, targets, u))(JV)
+    return HJV.reshape(-1, n * C) @ J.reshape(n * C, d)
 
 
 def output_hvp(loss: LossFn, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:

@@ -527,3 +527,23 @@ def test_gnvp_by_jacobians_is_the_vector_product(monkeypatch, budget):
     by_vectors = [conv.gnvp(V), conv.gnvp(V, batch=conv.train.subset(torch.arange(5))), conv.gnvp(V, params=theta)]
     for a, b in zip(by_jacobians, by_vectors):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13 * float(b.abs().max()))
+
+
+def test_training_set_jacobians_kept_for_repeated_products(monkeypatch):
+    """CG's products (training set, θˢ, many vectors) reuse the Jacobians of the first one: the
+    same G V as by vectors; above STORE_JACOBIANS_MAX nothing is kept; a lowered copy keeps its own."""
+    conv = _conv_problem()
+    V = vectors(conv.n_params, k=40)
+    first = conv.gnvp(V)
+    kept = conv._train_jacobians
+    assert kept[0].shape == (conv.n_train, 3, conv.n_params)
+    torch.testing.assert_close(conv.gnvp(2 * V), 2 * first, rtol=1e-13, atol=0)
+    assert conv._train_jacobians is kept
+    assert conv.lowered(torch.float32)._train_jacobians is None
+    monkeypatch.setattr(Problem, "STORE_JACOBIANS_MAX", 0)
+    unkept = _conv_problem()
+    torch.testing.assert_close(unkept.gnvp(V), first, rtol=1e-12, atol=0)
+    assert getattr(unkept, "_train_jacobians", None) is None
+    monkeypatch.setattr(Problem, "products_by_jacobians", lambda self, k: False)
+    by_vectors = _conv_problem().gnvp(V)
+    torch.testing.assert_close(first, by_vectors, rtol=1e-11, atol=1e-13 * float(by_vectors.abs().max()))
