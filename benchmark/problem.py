@@ -369,7 +369,8 @@ class Problem:
         return total
 
     #: the training set's Jacobians at θˢ are kept after the first product that takes them
-    #: (gnvp over the training set at θˢ: CG's every iteration) when they hold at most this many
+    #: (gnvp over the training set or its `rows` at θˢ: CG's every iteration, LiSSA's every
+    #: minibatch) when they hold at most this many
     #: numbers (1 GiB in float64; ResNet-20 at cpu: 98M); every later product is then two matrix
     #: products. 0: never kept.
     STORE_JACOBIANS_MAX = 2 ** 27
@@ -386,17 +387,23 @@ class Problem:
             stored = self._train_jacobians = (J, self.model(self.params, self.train.inputs).detach())
         return stored
 
-    def gnvp(self, vectors: Tensor, batch: Batch | None = None, params: Tensor | None = None) -> Tensor:
-        """G V for vectors (k, d) -> (k, d); G averaged over `batch` (default: the training set)."""
+    def gnvp(self, vectors: Tensor, batch: Batch | None = None, params: Tensor | None = None,
+             rows: Tensor | None = None) -> Tensor:
+        """G V for vectors (k, d) -> (k, d); G averaged over `batch` (default: the training set),
+        or over the training examples `rows` (indices: a minibatch of the training set, which
+        can reuse the training set's kept Jacobians)."""
+        if rows is not None and batch is not None:
+            raise ValueError("gnvp: give `batch` or `rows` (training indices), not both")
         theta = self._theta(params)
         at_base = batch is None and params is None
-        batch = self.train if batch is None else batch
+        batch = self.train.subset(rows) if rows is not None else self.train if batch is None else batch
         vectors = vectors.reshape(-1, theta.numel())
         self.counter.add("gnvp", len(batch) * vectors.shape[0])
         if at_base and self.products_by_jacobians(vectors.shape[0]):
             stored = self._stored_train_jacobians()
             if stored is not None:
-                return _jacobian_products(self, *stored, batch.targets, vectors) / len(batch)
+                J, out = stored if rows is None else (stored[0][rows], stored[1][rows])
+                return _jacobian_products(self, J, out, batch.targets, vectors) / len(batch)
         return self.gnvp_sum(theta, vectors, batch).detach() / len(batch)
 
     def hvp(self, vectors: Tensor, batch: Batch | None = None, params: Tensor | None = None) -> Tensor:

@@ -117,8 +117,8 @@ class LiSSA(ParameterEstimator):
         for _ in range(self.repeats):
             h = b.clone()
             for _ in range(self.depth_):
-                batch = p.train.subset(torch.randperm(n, generator=g)[:self.batch_size].to(p.device))
-                h = b + h - (p.gnvp(h, batch=batch) + self.mu_ * h) / s
+                rows = torch.randperm(n, generator=g)[:self.batch_size].to(p.device)
+                h = b + h - (p.gnvp(h, rows=rows) + self.mu_ * h) / s
             total += self._checked(h, s) / s
         return total / self.repeats
 

@@ -547,3 +547,18 @@ def test_training_set_jacobians_kept_for_repeated_products(monkeypatch):
     monkeypatch.setattr(Problem, "products_by_jacobians", lambda self, k: False)
     by_vectors = _conv_problem().gnvp(V)
     torch.testing.assert_close(first, by_vectors, rtol=1e-11, atol=1e-13 * float(by_vectors.abs().max()))
+
+
+def test_gnvp_over_training_rows_is_the_minibatch_product(mlp):
+    """gnvp(rows=idx) is gnvp(batch=train.subset(idx)), from the kept Jacobians on a CNN and by
+    vectors on an MLP (which keeps none); rows and batch together are refused."""
+    idx = torch.tensor([5, 0, 7, 3])
+    conv, small_mlp = _conv_problem(), mlp(SIZES, "tanh", n_train=N)
+    for problem in (conv, small_mlp):
+        V = vectors(problem.n_params, k=40)
+        by_rows = problem.gnvp(V, rows=idx)
+        by_batch = problem.gnvp(V, batch=problem.train.subset(idx))
+        torch.testing.assert_close(by_rows, by_batch, rtol=1e-11, atol=1e-13 * float(by_batch.abs().max()))
+    assert conv._train_jacobians is not None and getattr(small_mlp, "_train_jacobians", None) is None
+    with pytest.raises(ValueError, match="not both"):
+        conv.gnvp(V, batch=conv.train, rows=idx)
