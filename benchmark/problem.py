@@ -183,6 +183,11 @@ class Problem:
         #: () -> list of benchmark.training.Checkpoint, set by the harness (computed and cached on
         #: first use); None: a problem without a training history (see `checkpoints`)
         self.checkpoint_source: Callable[[], list] | None = None
+        # computed on first use: outputs per example C, forward flops per example, and the
+        # training set's Jacobians at θˢ with its outputs (see STORE_JACOBIANS_MAX)
+        self._n_outputs: int | None = None
+        self._forward_flops: float | None = None
+        self._train_jacobians: tuple[Tensor, Tensor] | None = None
 
     def checkpoints(self) -> list:
         """θ at a few epoch ends of the base training, as benchmark.training.Checkpoint (epoch,
@@ -307,7 +312,7 @@ class Problem:
         """Flops of one forward pass f(θˢ, x) per example, counted by torch's FlopCounterMode
         (matrix products and convolutions) over n training inputs: 2d for an MLP, many times 2d
         for a CNN, whose convolutions reuse their weights at every position. Counted once."""
-        if getattr(self, "_forward_flops", None) is None:
+        if self._forward_flops is None:
             from torch.utils.flop_counter import FlopCounterMode
             x = self.train.inputs[:n]
             with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -323,7 +328,7 @@ class Problem:
         flop count says so, i.e. where a forward pass costs many flops per parameter. Measured
         (one thread, 128 examples, 40 vectors): LeNet-MNIST at cpu 512 → 83 ms (the rule takes
         the Jacobians), mlp-mnist at cpu 15 → 268 ms (it does not)."""
-        if getattr(self, "_n_outputs", None) is None:
+        if self._n_outputs is None:
             with torch.no_grad():
                 self._n_outputs = self.model(self.params, self.train.inputs[:1]).numel()
         n_outputs = self._n_outputs
@@ -378,7 +383,7 @@ class Problem:
     def _stored_train_jacobians(self) -> tuple[Tensor, Tensor] | None:
         """(J (N, C, d), f(θˢ, x) (N, C)) over the training set at θˢ, computed once, or None
         where they would hold more than STORE_JACOBIANS_MAX numbers."""
-        stored = getattr(self, "_train_jacobians", None)
+        stored = self._train_jacobians
         if stored is None:
             if self.n_train * self._n_outputs * self.n_params > self.STORE_JACOBIANS_MAX:
                 return None
@@ -517,5 +522,5 @@ def flat_norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=-1)
 
 
-__all__ = ["Batch", "FunctionalModel", "EvaluationCounter", "Problem", "TimeBudgetExceeded", "output_hessians", "output_hvp",
-           "psd_sqrt", "flat_norm"]
+__all__ = ["Batch", "FunctionalModel", "EvaluationCounter", "Problem", "TimeBudgetExceeded", "output_hessians",
+           "output_hvp", "psd_sqrt", "flat_norm"]

@@ -543,7 +543,7 @@ def test_training_set_jacobians_kept_for_repeated_products(monkeypatch):
     monkeypatch.setattr(Problem, "STORE_JACOBIANS_MAX", 0)
     unkept = _conv_problem()
     torch.testing.assert_close(unkept.gnvp(V), first, rtol=1e-12, atol=0)
-    assert getattr(unkept, "_train_jacobians", None) is None
+    assert unkept._train_jacobians is None
     monkeypatch.setattr(Problem, "products_by_jacobians", lambda self, k: False)
     by_vectors = _conv_problem().gnvp(V)
     torch.testing.assert_close(first, by_vectors, rtol=1e-11, atol=1e-13 * float(by_vectors.abs().max()))
@@ -559,6 +559,6 @@ def test_gnvp_over_training_rows_is_the_minibatch_product(mlp):
         by_rows = problem.gnvp(V, rows=idx)
         by_batch = problem.gnvp(V, batch=problem.train.subset(idx))
         torch.testing.assert_close(by_rows, by_batch, rtol=1e-11, atol=1e-13 * float(by_batch.abs().max()))
-    assert conv._train_jacobians is not None and getattr(small_mlp, "_train_jacobians", None) is None
+    assert conv._train_jacobians is not None and small_mlp._train_jacobians is None
     with pytest.raises(ValueError, match="not both"):
         conv.gnvp(V, batch=conv.train, rows=idx)
