@@ -194,6 +194,8 @@ def decompose(session: Session, task_name: str, estimators=DEFAULT_ESTIMATORS) -
             "median_rel_grad": float(np.median(rel)) if rel.size else None,
             "length": cert.get("epochs", cert.get("iterations", cert.get("steps"))),
         }
+        if cert.get("lr_halvings"):  # its run went non-finite and was rerun at a smaller lr
+            certificates[n].update({k: cert[k] for k in ("lr", "lr_halvings", "diverged_at_epoch")})
     second = second_solve_summary(gt.responses[SECOND_SOLVE]) if SECOND_SOLVE in gt.responses else None
     if second is not None:
         cert = gt.responses[SECOND_SOLVE]["certificate"]
@@ -347,6 +349,11 @@ def task_markdown(r: dict, figure: str | None) -> str:
               "‖∇J_m‖ / ε‖∇ℓₘ(θˢ)‖ of each response's own objective):", "",
               tabulate(rows, headers=["response", "seconds", "epochs / steps", "converged", "median rel. grad."],
                        tablefmt="github"), ""]
+    for n, c in r["certificates"].items():
+        if c.get("lr_halvings"):
+            lines += [f"`{n}`: its run went non-finite (after epoch {', '.join(map(str, c['diverged_at_epoch']))} "
+                      f"of {c['length']}) and was rerun from θˢ with the learning rate halved {c['lr_halvings']} "
+                      f"time(s), to lr {c['lr']:.3g} (`benchmark.training.sgd_halving_lr`).", ""]
     second = r.get("second_solve")
     if second:
         lines += [f"Ground-truth error bar: the PBRF of {second['n']} of the removed examples solved a second time "

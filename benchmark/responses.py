@@ -23,7 +23,7 @@ from tasks.base import Recipe
 
 from .linalg import CholeskySolver, KernelSolver, SolveInfo, batched_cg
 from .problem import Batch, Problem, output_hessians, psd_sqrt
-from .training import sgd, stable_sgd_recipe
+from .training import sgd_halving_lr, stable_sgd_recipe
 
 log = logging.getLogger("ifbench")
 
@@ -235,7 +235,8 @@ def pbrf_epochs(problem: Problem, removed: Tensor, recipe: Recipe) -> tuple[Tens
     ResNet-8-MNIST against the recipe's 0.05 (LeNet: 0.12), where the run diverged to
     non-finite parameters. So for SGD the whole learning-rate schedule is scaled by
     min(1, STABLE_FRACTION · 2(1 + β) / (L · lr)) (training.stable_sgd_recipe); the certificate
-    gives L, the factor and the lr.
+    gives L, the factor and the lr. A run that still goes non-finite is rerun with the lr halved
+    (training.sgd_halving_lr; the certificate counts the halvings).
     """
     if recipe.optimizer not in ("sgd", "adam"):
         raise ValueError(f"pbrf-epochs runs the base recipe's minibatch optimizer, and this task trains with "
@@ -256,12 +257,13 @@ def pbrf_epochs(problem: Problem, removed: Tensor, recipe: Recipe) -> tuple[Tens
 
     R = len(removed)
     ones = torch.ones(R, p.n_train, dtype=p.dtype, device=p.device)
-    thetas = sgd(p.model, p.loss, p.train, base.expand(R, -1).clone(), recipe, weights=ones, epochs=epochs,
-                 objective=batch_pbrf, row_data=(p.train.inputs[removed], p.train.targets[removed]),
-                 progress=f"{p.task} pbrf-epochs, {R} rows")
+    label = f"{p.task} pbrf-epochs, {R} rows"
+    thetas, recipe, halvings = sgd_halving_lr(p.model, p.loss, p.train, base.expand(R, -1).clone(), recipe,
+                                              weights=ones, epochs=epochs, objective=batch_pbrf,
+                                              row_data=(p.train.inputs[removed], p.train.targets[removed]),
+                                              progress=label, what=label)
+    stability.update(halvings, lr=recipe.lr, lr_factor=stability["lr_factor"] * 0.5 ** halvings["lr_halvings"])
     p.counter.add("gradient", epochs * (p.n_train + 1) * R)
-    if not torch.isfinite(thetas).all():
-        raise FloatingPointError(f"pbrf-epochs diverged (non-finite parameters) on {p.task}; recipe {recipe}")
     Delta = (thetas - base).detach()
     value, gradient = PBRFObjective(p, removed, mu).value_and_gradient(Delta)
     scale = eps * torch.linalg.vector_norm(p.train_gradients(removed), dim=-1)

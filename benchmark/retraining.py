@@ -55,7 +55,7 @@ from torch.func import grad_and_value, vmap
 from tasks.base import Recipe
 
 from .problem import Problem
-from .training import PROGRESS_EVERY, log, sgd, stable_sgd_recipe, train_mode_minibatch
+from .training import PROGRESS_EVERY, log, sgd, sgd_halving_lr, stable_sgd_recipe, train_mode_minibatch
 
 #: bump when a retraining changes in a way that changes its numbers (part of the cache key)
 RETRAINING_VERSION = 1
@@ -261,12 +261,18 @@ def retrain(problem: Problem, removed: Tensor, recipe: Recipe, kind: str, *, tol
             thetas, buffers = _train_mode_cold(problem, W, recipe)
             certificate["batch_norm"] = ("train mode, as in base training, from the initial running statistics; "
                                          "each row evaluated with its own final statistics")
-        else:
+        elif kind == "cold":
             thetas = sgd(problem.model, problem.loss, problem.train, start.expand(rows, -1).clone(), recipe,
-                         weights=W, epochs=epochs, proximal=proximal,
-                         progress=f"{problem.task} {kind} retraining of {rows} rows")
-            if batch_norm:
-                certificate["batch_norm"] = "eval mode, running statistics frozen at theta_s"
+                         weights=W, epochs=epochs, progress=f"{problem.task} {kind} retraining of {rows} rows")
+        else:
+            label = f"{problem.task} {kind} retraining of {rows} rows"
+            thetas, recipe, halvings = sgd_halving_lr(problem.model, problem.loss, problem.train,
+                                                      start.expand(rows, -1).clone(), recipe, weights=W,
+                                                      epochs=epochs, proximal=proximal, progress=label, what=label)
+            certificate.update(halvings, lr=recipe.lr,
+                               lr_factor=certificate.get("lr_factor", 1.0) * 0.5 ** halvings["lr_halvings"])
+        if batch_norm and kind != "cold":
+            certificate["batch_norm"] = "eval mode, running statistics frozen at theta_s"
         certificate.update({"epochs": epochs, "batch_size": recipe.batch_size or problem.n_train,
                             "batch_order": "the recipe's seed; a removed example is left out of its minibatch"})
         problem.counter.add("gradient", epochs * problem.n_train * rows)

@@ -227,6 +227,45 @@ def sgd(model: FunctionalModel, loss, data: Batch, theta: Tensor, recipe: Recipe
 
 #: stable_sgd_recipe keeps SGD at most this fraction of heavy-ball's stability limit 2(1 + β)/L
 STABLE_FRACTION = 0.5
+#: sgd_halving_lr reruns a diverged run at most this many times, each with half the learning rate
+MAX_LR_HALVINGS = 3
+
+
+class _NonFinite(Exception):
+    """Raised at the end of the epoch in which a run's parameters stopped being finite."""
+
+
+def _stop_if_not_finite(epoch: int, theta: Tensor) -> None:
+    if not torch.isfinite(theta).all():
+        raise _NonFinite(epoch)
+
+
+def sgd_halving_lr(model: FunctionalModel, loss, data: Batch, theta: Tensor, recipe: Recipe, *, what: str,
+                   **kwargs) -> tuple[Tensor, Recipe, dict]:
+    """`sgd(model, loss, data, theta, recipe, **kwargs)`, stopped at the end of any epoch after
+    which a parameter is non-finite and rerun from `theta` with the whole learning-rate schedule
+    halved, at most MAX_LR_HALVINGS times (for the runs from θˢ in eval mode: the stability
+    limit of stable_sgd_recipe is measured at θˢ, and the curvature can grow along the run).
+    A run that stays finite is exactly sgd's. -> (θ, the recipe that ran, {"lr_halvings": k,
+    "diverged_at_epoch": [the epoch, from 1, after which each diverged run stopped]}).
+    Raises FloatingPointError naming `what` and every learning rate tried when the last run
+    diverges too."""
+    if "on_epoch_end" in kwargs:
+        raise TypeError("sgd_halving_lr watches the end of every epoch itself; on_epoch_end is not supported")
+    diverged: list[int] = []
+    for halvings in range(MAX_LR_HALVINGS + 1):
+        try:
+            out = sgd(model, loss, data, theta, recipe, on_epoch_end=_stop_if_not_finite, **kwargs)
+            return out, recipe, {"lr_halvings": halvings, "diverged_at_epoch": diverged}
+        except _NonFinite as exc:
+            diverged.append(int(exc.args[0]) + 1)  # counted from 1
+            log.info("%s: non-finite parameters after epoch %d at lr %.3g; rerunning at lr %.3g",
+                     what, diverged[-1], recipe.lr, recipe.lr / 2)
+            if halvings < MAX_LR_HALVINGS:
+                recipe = dataclasses.replace(recipe, lr=recipe.lr / 2)
+    tried = ", ".join(f"{recipe.lr * 2 ** k:.3g}" for k in range(MAX_LR_HALVINGS, -1, -1))
+    raise FloatingPointError(f"{what} diverged (non-finite parameters) at every learning rate tried ({tried}, "
+                             f"after epochs {diverged})")
 
 
 def stable_sgd_recipe(problem, recipe: Recipe) -> tuple[Recipe, dict]:

@@ -367,6 +367,31 @@ def test_warm_retraining_of_a_batch_norm_net_runs_at_a_stable_lr():
     assert "batch_norm" not in key(vgg, "warm") and "batch_norm" not in key(mlp, "cold")
 
 
+def test_a_run_that_goes_non_finite_is_rerun_at_half_the_lr(ridge):
+    """sgd_halving_lr: a run that stays finite is exactly sgd's; one that goes non-finite is
+    stopped and rerun from the same start at half the lr (the result is then exactly sgd's at
+    that lr, and warm retraining's certificate says so); past MAX_LR_HALVINGS it raises.
+    Full-batch GD on the ridge objective diverges for lr > 2/λ_max, by |1 − lr·λ_max| a step."""
+    from benchmark.training import MAX_LR_HALVINGS, sgd, sgd_halving_lr
+    p = ridge.problem
+    run = lambda recipe: sgd_halving_lr(p.model, p.loss, p.train, p.params + 1.0, recipe, what="toy run")
+    stable = ridge.gd(50)
+    out, used, info = run(stable)
+    assert torch.equal(out, sgd(p.model, p.loss, p.train, p.params + 1.0, stable)) and used == stable
+    assert info == {"lr_halvings": 0, "diverged_at_epoch": []}
+    sharp = dataclasses.replace(ridge.gd(2000), lr=3.5 * ridge.lr)  # 2.5× a step: inf from 1 after ~800 steps
+    out, used, info = run(sharp)
+    assert used.lr == sharp.lr / 2 and info["lr_halvings"] == 1 and 700 < info["diverged_at_epoch"][0] < 900
+    assert torch.equal(out, sgd(p.model, p.loss, p.train, p.params + 1.0, used)) and torch.isfinite(out).all()
+    warm = retraining.retrain(p, REMOVED, sharp, "warm")  # 1,000 epochs from θˢ, at ε-sized distance
+    assert warm.certificate["lr_halvings"] == 1 and warm.certificate["lr"] == sharp.lr / 2
+    assert warm.certificate["lr_factor"] == 0.5 and torch.isfinite(warm.thetas).all()
+    hopeless = dataclasses.replace(ridge.gd(300), lr=1000 * ridge.lr)  # still 124× a step after 3 halvings
+    with pytest.raises(FloatingPointError, match="toy run diverged .* every learning rate tried"):
+        run(hopeless)
+    assert MAX_LR_HALVINGS == 3
+
+
 def test_cold_retraining_of_a_batch_norm_net_repeats_its_base_training(tmp_path):
     """A batch-norm net's cold retraining runs as its base training ran (train mode, from θ⁰ and
     the initial statistics): the control run reproduces θˢ and its running statistics exactly,
