@@ -320,6 +320,14 @@ class Problem:
             self._forward_flops = counter.get_total_flops() / len(x)
         return self._forward_flops
 
+    @property
+    def n_outputs(self) -> int:
+        """C, the number of outputs f(θ, x) has per example (one uncounted forward pass, once)."""
+        if self._n_outputs is None:
+            with torch.no_grad():
+                self._n_outputs = self.model(self.params, self.train.inputs[:1]).numel()
+        return self._n_outputs
+
     def products_by_jacobians(self, k: int) -> bool:
         """Whether gnvp_sum takes k vectors through the per-example output Jacobians J (n, C, d)
         (C vector–Jacobian products per example, F(1 + 2C) flops for a forward pass of F, then
@@ -328,10 +336,7 @@ class Problem:
         flop count says so, i.e. where a forward pass costs many flops per parameter. Measured
         (one thread, 128 examples, 40 vectors): LeNet-MNIST at cpu 512 → 83 ms (the rule takes
         the Jacobians), mlp-mnist at cpu 15 → 268 ms (it does not)."""
-        if self._n_outputs is None:
-            with torch.no_grad():
-                self._n_outputs = self.model(self.params, self.train.inputs[:1]).numel()
-        n_outputs = self._n_outputs
+        n_outputs = self.n_outputs
         if k <= n_outputs:
             return False
         F, d = self.forward_flops(), self.n_params
@@ -385,7 +390,7 @@ class Problem:
         where they would hold more than STORE_JACOBIANS_MAX numbers."""
         stored = self._train_jacobians
         if stored is None:
-            if self.n_train * self._n_outputs * self.n_params > self.STORE_JACOBIANS_MAX:
+            if self.n_train * self.n_outputs * self.n_params > self.STORE_JACOBIANS_MAX:
                 return None
             J = torch.cat([self._output_jacobians(self.params, c.inputs)
                            for c in self._chunks(self.train, self._jacobian_chunk_size(self.params, self.train))])

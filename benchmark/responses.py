@@ -63,9 +63,7 @@ class DampedGaussNewton:
         self.dense: CholeskySolver | KernelSolver | None = None
         d = problem.n_params
         if d <= settings.dense_max_params:
-            with torch.no_grad():  # uncounted: a shape, not an evaluation of the estimator
-                n_outputs = problem.model(problem.params, problem.train.inputs[:1]).numel()
-            if KernelSolver.cheaper(problem.n_train * n_outputs, d):
+            if KernelSolver.cheaper(problem.n_train * problem.n_outputs, d):
                 self.dense = KernelSolver(problem.gauss_newton_rows(), problem.n_train, mu)
             else:
                 G = problem.gauss_newton_matrix()

@@ -224,3 +224,24 @@ def test_lissa_full_batch_closed_form_is_the_recursion(problem, monkeypatch):
         LiSSA(depth=300, scale=lam_max / 50, batch_size=problem.n_train).fit(problem).parameter_change(idx)
     minibatch = LiSSA(depth=5, batch_size=problem.n_train - 1).fit(problem)
     assert minibatch.eigh_ is None  # fresh minibatches: no fixed G, the recursion runs
+
+
+def test_lissa_full_batch_closed_form_through_the_kernel(monkeypatch):
+    """Where G's factor F (N·C rows) has fewer than d/2 rows, the closed form comes from the
+    eigenbasis of the kernel FFᵀ/N (no d×d matrix): the same answer as the dense eigenbasis
+    and as the recursion itself (depth 60: a visible truncation), to rounding."""
+    from benchmark.linalg import KernelSolver
+    problem = mlp_problem(n_train=10, sizes=(4, 12, 3))  # N·C = 30 rows, d = 99
+    idx = torch.tensor([0, 4, 9])
+    kernel = LiSSA(depth=60, batch_size=problem.n_train).fit(problem)
+    assert kernel.kernel_ is not None and kernel.eigh_ is None and kernel.kernel_[0].shape == (30, 99)
+    with monkeypatch.context() as m:
+        m.setattr(KernelSolver, "cheaper", staticmethod(lambda rows, d: False))
+        dense = LiSSA(depth=60, batch_size=problem.n_train).fit(problem)
+        m.setattr(LiSSA, "DENSE_MAX_PARAMS", 0)
+        recursion = LiSSA(depth=60, batch_size=problem.n_train).fit(problem)
+    assert dense.kernel_ is None and dense.eigh_ is not None and recursion.eigh_ is recursion.kernel_ is None
+    expected = recursion.parameter_change(idx)
+    assert rel_err(kernel.parameter_change(idx), expected) < 1e-10
+    assert rel_err(dense.parameter_change(idx), expected) < 1e-10
+    assert rel_err(expected, Exact().fit(problem).parameter_change(idx)) > 1e-3
