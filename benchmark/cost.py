@@ -41,6 +41,7 @@ from .ground_truth import build_problem, seeded_choice, solver_settings
 from .problem import TimeBudgetExceeded
 from .responses import DampedGaussNewton, pbrf
 from .runner import REPO, git_commit
+from .training import show_progress
 
 
 def _timed(fn) -> float:
@@ -158,6 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--results-dir", type=Path, default=REPO / "leaderboard" / "results")
     args = ap.parse_args(argv)
+    show_progress()
     if args.max_seconds <= 0:
         ap.error(f"--max-seconds: expected a positive number, got {args.max_seconds}")
     failures = 0

@@ -47,6 +47,7 @@ from .metrics import correlations, output_distance
 from .runner import (MIN_TRUSTED_REMOVED, REPO, NoGroundTruth, Session, Settings, git_commit, second_solve_summary,
                      untrusted_rows)
 from .second_solve import error_bar_text
+from .training import show_progress
 
 #: (label, response a, response b) of the first four gaps; a solver error per estimator follows
 GAPS = (
@@ -503,6 +504,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "leaderboard",
                     help="where DECOMPOSITION.md and figures/ go (default: leaderboard)")
     args = ap.parse_args(argv)
+    show_progress()
     session = Session(Settings(scale=args.scale, device=args.device, cache_dir=args.cache_dir,
                                data_root=args.data_root, results_dir=None))
     failures = 0

@@ -35,6 +35,7 @@ from .cache import Cache
 from .ground_truth import build_problem, seeded_choice, solver_settings
 from .problem import Problem
 from .responses import DampedGaussNewton, pbrf
+from .training import show_progress
 
 FORWARDS_PER_EVALUATION = {"forward": 1, "gradient": 3, "gnvp": 5, "hvp": 7}  # per example and vector
 
@@ -165,6 +166,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
+    show_progress()
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.task, args.scale, args.removed, args.data_root or default_data_root(), args.cache_dir,

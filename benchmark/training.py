@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -32,6 +33,23 @@ from .problem import Batch, FunctionalModel
 log = logging.getLogger("ifbench")
 #: sgd(progress=...) logs a line at most this often (seconds)
 PROGRESS_EVERY = 10.0
+
+
+class _Stderr(logging.Handler):
+    """Writes each record to whatever sys.stderr is at the time (a stream captured once could close)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def show_progress() -> None:
+    """Print the "ifbench" progress lines (retraining, PBRF steps, Gauss–Newton builds) on stderr,
+    with the time of day: for the command-line tools (pytest shows them through its own logging)."""
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
 
 
 @dataclass(frozen=True)

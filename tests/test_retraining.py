@@ -297,6 +297,25 @@ def test_sgd_progress_lines(mlp, monkeypatch, caplog):
     assert lines[-1].startswith("toy retraining: epoch 3/3, ") and lines[-1].endswith("about 0 s left")
 
 
+def test_command_line_tools_show_progress_on_stderr(capsys):
+    """show_progress (called by the decomposition, cost and perf commands) prints the "ifbench"
+    progress lines on the stderr of the moment, once however often it is called."""
+    import logging
+
+    from benchmark.training import log, show_progress
+    before, level = list(log.handlers), log.level
+    try:
+        show_progress()
+        show_progress()
+        log.info("toy retraining: epoch %d/%d", 1, 3)
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].endswith("] toy retraining: epoch 1/3") and len(log.handlers) == len(before) + 1
+        assert log.level == logging.INFO
+    finally:
+        log.handlers[:] = before
+        log.setLevel(level)
+
+
 @pytest.mark.skipif(not (__import__("tasks.data", fromlist=["x"]).default_data_root() / "uci").exists(),
                     reason="UCI data not staged (.ci/setup stages it)")
 def test_decomposition_stands_pbrf_epochs_in_for_the_pbrf(tmp_path):
