@@ -50,6 +50,7 @@ d = 1356 takes 0.4 s (d = 2550: 3.1 s, d = 4096: 17 s, one thread).
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -59,6 +60,8 @@ from benchmark.linalg import KernelSolver, add_gram_, top_eigenvalue
 from benchmark.problem import Problem
 
 from .base import ParameterEstimator, dense_gauss_newton_flops, effective_damping
+
+log = logging.getLogger("ifbench")
 
 
 def lissa_depth(scale: float, mu: float) -> int:
@@ -72,6 +75,8 @@ class LiSSA(ParameterEstimator):
     #: the depth rule J = clip(⌈s/μ⌉, MIN_DEPTH, MAX_DEPTH), used when depth is None
     MIN_DEPTH = 100
     MAX_DEPTH = 2000
+    #: rows whose recursion grew beyond the stable bound are rerun at twice the scale, at most this often
+    MAX_SCALE_DOUBLINGS = 3
     #: the full-batch closed form (module docstring) is used up to this many parameters
     DENSE_MAX_PARAMS = 4096
     DENSE_MAX_FLOPS = 2e12
@@ -96,6 +101,7 @@ class LiSSA(ParameterEstimator):
             self.scale_ = float(self.scale)
         self.depth_ = lissa_depth(self.scale_, self.mu_) if self.depth is None else int(self.depth)
         self.eigh_ = self.kernel_ = None
+        self.rows_rescaled_ = 0
         if self.batch_size >= problem.n_train:  # every step applies the same G: the closed form
             n, d = problem.n_train, problem.n_params
             if KernelSolver.cheaper(n * problem.n_outputs, d):
@@ -129,21 +135,57 @@ class LiSSA(ParameterEstimator):
         psi = torch.where(null, 0.0, (self._phi(lam) - phi0) / (self.problem_.n_train * torch.where(null, 1.0, lam)))
         return phi0 * b + (((b @ F.T) @ V) * psi) @ (V.T @ F)
 
+    @property
+    def solver_(self) -> str:
+        """How the fitted estimator solves: "closed form (dense)", "closed form (kernel)" or
+        "recursion", with the rows whose scale was doubled (recorded with each result)."""
+        if self.eigh_ is not None or self.kernel_ is not None:
+            return f"closed form ({'dense' if self.eigh_ is not None else 'kernel'})"
+        return "recursion" + (f"; scale doubled for {self.rows_rescaled_} row(s)" if self.rows_rescaled_ else "")
+
     def parameter_change(self, train_idx: Tensor) -> Tensor:
         p = self.problem
         b = p.epsilon * p.train_gradients(train_idx)
         if self.eigh_ is not None or self.kernel_ is not None:
             return self._checked(self._closed_form(b), self.scale_)
+        out, todo = torch.empty_like(b), torch.arange(len(b), device=b.device)
+        s, depth = self.scale_, self.depth_
+        for doublings in range(self.MAX_SCALE_DOUBLINGS + 1):
+            x, stable = self._recursion(b[todo], s, depth)
+            out[todo[stable]] = x[stable]
+            todo = todo[~stable]
+            if not len(todo):
+                return out
+            if doublings == self.MAX_SCALE_DOUBLINGS:
+                break
+            self.rows_rescaled_ += len(todo) if doublings == 0 else 0
+            log.info("lissa: %d of %d rows grew beyond the stable bound at scale %.3g (a minibatch's curvature above "
+                     "2s); rerunning them at scale %.3g", len(todo), len(b), s, 2 * s)
+            s = 2 * s
+            depth = lissa_depth(s, self.mu_) if self.depth is None else depth
+        raise FloatingPointError(f"LiSSA diverged: {len(todo)} row(s) still grew beyond the stable bound at scale "
+                                 f"{s:.3g} ({self.MAX_SCALE_DOUBLINGS} doublings of {self.scale_:.3g}); the minibatch "
+                                 "Gauss-Newton matrices are far sharper than the full batch: pass a larger `scale`")
+
+    def _recursion(self, b: Tensor, s: float, depth: int) -> tuple[Tensor, Tensor]:
+        """The minibatch recursion's h_J / s for b (k, d), averaged over the repeats -> (x (k, d),
+        stable (k,) bool). Where every minibatch has λ_max(G_B) + μ ≤ 2s, each step maps h to
+        b + (I − (G_B + μI)/s) h with ‖I − (G_B + μI)/s‖ ≤ 1, so ‖h_j‖ ≤ (j + 1)‖b‖; a row that
+        exceeds that bound was amplified by a sharper minibatch and is not `stable`. The
+        minibatches depend only on the seed, so a row's answer does not depend on the other rows."""
+        p = self.problem
         g = torch.Generator().manual_seed(p.seed + self.seed + 1)
-        n, s = p.n_train, self.scale_
+        b_norm = torch.linalg.vector_norm(b, dim=-1)
+        stable = torch.ones(len(b), dtype=torch.bool, device=b.device)
         total = torch.zeros_like(b)
         for _ in range(self.repeats):
             h = b.clone()
-            for _ in range(self.depth_):
-                rows = torch.randperm(n, generator=g)[:self.batch_size].to(p.device)
+            for j in range(depth):
+                rows = torch.randperm(p.n_train, generator=g)[:self.batch_size].to(p.device)
                 h = b + h - (p.gnvp(h, rows=rows) + self.mu_ * h) / s
-            total += self._checked(h, s) / s
-        return total / self.repeats
+                stable &= torch.linalg.vector_norm(h, dim=-1) <= (j + 2) * b_norm * (1 + 1e-9)
+            total += h / s
+        return total / self.repeats, stable & torch.isfinite(total).all(dim=-1)
 
     @staticmethod
     def _checked(h: Tensor, s: float) -> Tensor:

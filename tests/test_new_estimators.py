@@ -226,6 +226,35 @@ def test_lissa_full_batch_closed_form_is_the_recursion(problem, monkeypatch):
     assert minibatch.eigh_ is None  # fresh minibatches: no fixed G, the recursion runs
 
 
+def test_lissa_reruns_rows_that_a_sharp_minibatch_amplified(problem, monkeypatch):
+    """A step h ← b + (I − (G_B + μI)/s) h cannot grow ‖h‖ by more than ‖b‖ while every minibatch
+    has λ_max(G_B) + μ ≤ 2s. At s = 0.76 λ_max(G) with minibatches of 4, some rows break that
+    bound: exactly those rows are rerun at 2s (each row equal to the fixed-scale recursion at the
+    first scale where it stayed bounded), the others keep s, a subset of rows gets the same rows
+    (the minibatches depend only on the seed), and `solver_` says how many were rerun. Where
+    no row breaks it nothing changes; where doubling does not help it raises."""
+    from benchmark.linalg import top_eigenvalue
+    idx = torch.arange(0, 48, 4)
+    b = problem.epsilon * problem.train_gradients(idx)
+    lam = top_eigenvalue(problem.gnvp, problem.n_params, problem.dtype, problem.device, 50,
+                         torch.Generator().manual_seed(0))
+    est = LiSSA(depth=300, batch_size=4, scale=0.76 * lam).fit(problem)
+    x = est.parameter_change(idx)
+    assert 0 < est.rows_rescaled_ < len(idx)
+    assert est.solver_ == f"recursion; scale doubled for {est.rows_rescaled_} row(s)"
+    first, stable_first = est._recursion(b, 0.76 * lam, 300)
+    second, stable_second = est._recursion(b, 2 * 0.76 * lam, 300)
+    assert int((~stable_first).sum()) == est.rows_rescaled_ and stable_second.all()
+    assert torch.equal(x, torch.where(stable_first[:, None], first, second))
+    assert torch.equal(LiSSA(depth=300, batch_size=4, scale=0.76 * lam).fit(problem).parameter_change(idx[3:7]), x[3:7])
+    calm = LiSSA(depth=300, batch_size=4, scale=2 * lam).fit(problem)
+    assert torch.equal(calm.parameter_change(idx), calm._recursion(b, 2 * lam, 300)[0]) and calm.rows_rescaled_ == 0
+    assert calm.solver_ == "recursion"
+    monkeypatch.setattr(LiSSA, "MAX_SCALE_DOUBLINGS", 0)
+    with pytest.raises(FloatingPointError, match="beyond the stable bound.*larger `scale`"):
+        LiSSA(depth=300, batch_size=4, scale=0.76 * lam).fit(problem).parameter_change(idx)
+
+
 def test_lissa_full_batch_closed_form_through_the_kernel(monkeypatch):
     """Where G's factor F (N·C rows) has fewer than d/2 rows, the closed form comes from the
     eigenbasis of the kernel FFᵀ/N (no d×d matrix): the same answer as the dense eigenbasis
