@@ -7,7 +7,7 @@ removed examples), averaged over `repeats` independent recursions. Truncation at
 like extra damping of about s/J (Vicol et al. 2022).
 
 Defaults: batch 128, 1 repeat, scale s = 2 (λ_max(G) + μ) with λ_max from 20 power iterations on
-the full-batch G in `fit` (the recursion needs s > λ_max(G_B) + μ), and the depth rule
+the full-batch G in `fit`, and the depth rule
 
     J = clip(⌈s/μ⌉, MIN_DEPTH = 100, MAX_DEPTH = 2000)        (`depth=None`; `depth=J` overrides it)
 
@@ -29,6 +29,14 @@ mean per-query Pearson with `exact` over the ground truth's 40 removed examples 
 The rule alone gives J = 2993 there (0.973, 95 % bootstrap interval 0.953–0.985), the cap 2000
 (0.973), against 0.901 (0.845–0.922) for the old fixed default 1000; 2× the old default's
 minibatch Gauss–Newton products (the old default takes ≈ 8 s on an idle machine, so ≈ 16 s).
+
+Sharp minibatches. Each step is b plus a map of norm ≤ 1 only while λ_max(G_B) + μ ≤ 2s, and
+then ‖h_j‖ ≤ (j + 1)‖b‖. The full-batch λ_max can be far below a minibatch's: on alexnet-mnist
+at `cpu` λ_max(G) = 5.83 (s = 11.7) while 40 minibatches of 128 had λ_max(G_B) of median 13.4 and
+max 34.9, and the recursion amplified rows to finite nonsense (Pearson −0.03, outputs
+overflowing). So a row that breaks the bound at any step is rerun with s doubled (and J by the
+same rule), at most MAX_SCALE_DOUBLINGS times, then LiSSA raises; the other rows are untouched,
+and `solver_` counts the rerun rows.
 
 The full batch. When `batch_size` ≥ N every "minibatch" is the whole training set, so every step
 applies the same G and the recursion has a closed form in G's eigenbasis (G = Q diag(λ) Qᵀ):
