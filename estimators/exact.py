@@ -3,11 +3,12 @@
 A direct solve when d ≤ dense_max_params and forming the dense G costs at most
 dense_max_flops (N·C·d² for C outputs): the Cholesky factor of G + μI, or a Woodbury solve on
 the N·C × N·C kernel where that is cheaper (N·C below d: benchmark.linalg.KernelSolver);
-float64 CG to a relative residual of 1e-10 otherwise (the result records which through `solver_`). Both are exact to the tolerance; the flop bound
-picks the cheaper where outputs are many: the cpu autoencoder (C = 196, d = 14,124: N·C·d² =
-3.9e13) took 979 s dense and 616 s by CG to 1e-10 (one thread, the other core busy; 14.1M vs
-14.6M counted evaluations) for the same Pearson 0.973, while every C ≤ 10 task (at most
-1.7e12, mlp-mnist at cpu: 67 s dense) stays dense.
+float64 CG to a relative residual of 1e-10 otherwise (the result records which through `solver_`).
+Both are exact to the tolerance; the flop bound (1e12) picks the cheaper. Measured at `cpu`, one
+thread, the other core busy: the autoencoder (C = 196, d = 14,124: N·C·d² = 3.9e13) took 979 s
+dense and 616 s by CG to 1e-10 for the same Pearson 0.973; mlp-mnist (1.69e12) 89.8 s and 3.9 GB
+dense against 22.6 s and 64 MB by CG, mlp-fashion (the same size) 85.8 s against 27.1 s, Pearson
+equal to 2e-12 and 1.5e-11. What stays dense at `cpu`: the LR tasks and the UCI MLPs (d = 433).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .base import ParameterEstimator, dense_gauss_newton_flops, effective_dampin
 class Exact(ParameterEstimator):
     description = "exact damped Gauss-Newton influence (dense solve, float64 CG for large d)"
 
-    def __init__(self, damping: float | None = None, dense_max_params: int = 16384, dense_max_flops: float = 2e12,
+    def __init__(self, damping: float | None = None, dense_max_params: int = 16384, dense_max_flops: float = 1e12,
                  rtol: float = 1e-10):
         self.damping = damping
         self.dense_max_params = dense_max_params
