@@ -10,7 +10,6 @@ left out of the mean; a row with no defined query has no main number (None).
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
 
 #: a side varies less than this fraction of its largest magnitude: constant (float rounding of a
 #: constant array, e.g. the mean of R copies of 0.1, is not variation)
@@ -36,8 +35,32 @@ def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(r, -1.0, 1.0)
 
 
+def average_ranks(a: np.ndarray) -> np.ndarray:
+    """Ranks 1..n along the last axis, ties given the mean of the ranks they span, and a slice
+    with a NaN all NaN (scipy.stats.rankdata(a, axis=-1), without importing scipy.stats: about
+    0.9 s at the start of every process)."""
+    a = np.asarray(a, dtype=np.float64)
+    n = a.shape[-1]
+    order = np.argsort(a, axis=-1, kind="stable")
+    s = np.take_along_axis(a, order, axis=-1)
+    pos = np.broadcast_to(np.arange(n), a.shape)
+    starts = np.ones(a.shape, dtype=bool)  # first of a run of equal values
+    starts[..., 1:] = s[..., 1:] != s[..., :-1]
+    if starts.all():  # no ties: the position in sorted order
+        sorted_ranks = pos + 1.0
+    else:
+        ends = np.ones(a.shape, dtype=bool)  # last of a run
+        ends[..., :-1] = starts[..., 1:]
+        first = np.maximum.accumulate(np.where(starts, pos, 0), axis=-1)
+        last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, pos, n - 1), -1), axis=-1), -1)
+        sorted_ranks = (first + last) / 2.0 + 1.0
+    ranks = np.empty(a.shape)
+    np.put_along_axis(ranks, order, sorted_ranks, axis=-1)
+    return np.where(np.isnan(a).any(-1, keepdims=True), np.nan, ranks)
+
+
 def _rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return _rowwise_pearson(rankdata(a, axis=-1), rankdata(b, axis=-1))
+    return _rowwise_pearson(average_ranks(a), average_ranks(b))
 
 
 def _mean_defined(r: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
-from benchmark.metrics import correlations, output_distance
+from benchmark.metrics import average_ranks, correlations, output_distance
 from benchmark.problem import Batch, FunctionalModel, Problem
 from benchmark.training import lbfgs
 from tasks.base import Recipe
@@ -239,6 +239,20 @@ def test_correlations_match_scipy(truth):
         assert hi - lo > 1e-3  # a real interval
     # deterministic given the seed
     assert correlations(pred, truth, n_boot=500, seed=3) == c
+
+
+def test_average_ranks_match_scipy():
+    """Spearman's ranks without scipy: ties share the mean of their ranks, a NaN voids its slice."""
+    rng = np.random.default_rng(4)
+    for shape in [(1,), (9,), (3, 7), (50, 4, 40)]:
+        ties = rng.integers(0, 3, size=shape).astype(float)
+        distinct = rng.normal(size=shape)
+        for a in (ties, distinct, np.where(ties == 0, np.inf, distinct)):
+            np.testing.assert_array_equal(average_ranks(a), stats.rankdata(a, axis=-1))
+    a = rng.normal(size=(3, 5))
+    a[1, 2] = np.nan
+    np.testing.assert_array_equal(average_ranks(a), stats.rankdata(a, axis=-1))
+    assert np.isnan(average_ranks(a)[1]).all() and np.isfinite(average_ranks(a)[[0, 2]]).all()
 
 
 def test_correlations_shape_mismatch(truth):
