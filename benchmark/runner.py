@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import platform
 import re
 import subprocess
@@ -28,6 +29,8 @@ from .ground_truth import (RESPONSES, SECOND_SOLVE, GroundTruth, build_problem, 
 from .measure import machine_load, measure
 from .metrics import correlations, output_distance
 from .problem import Batch, Problem, TimeBudgetExceeded
+
+log = logging.getLogger("ifbench")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -361,15 +364,23 @@ class Session:
         self.estimates[(result["task"], spec)] = {"scores": scores.numpy(), "outputs": outputs}
 
     def _output_distance(self, result: dict, problem: Problem, gt: GroundTruth, delta: torch.Tensor,
-                         scored: bool = True) -> np.ndarray:
+                         scored: bool = True) -> np.ndarray | None:
         """Output distance to the row's ground truth (the PBRF, or the task's own) on the evaluation
-        inputs; returns f(θˢ + Δₘ, x_eval) (R, n_eval, C)."""
+        inputs; returns f(θˢ + Δₘ, x_eval) (R, n_eval, C), or None where a finite Δ made them
+        overflow (then the row has no output distance, and says for how many removed examples)."""
         if tuple(delta.shape) != (len(gt.removed), problem.n_params) or not torch.isfinite(delta).all():
             raise EstimatorFailure(f"parameter_change() returned shape {tuple(delta.shape)} or non-finite values; "
                                    f"expected finite (n_removed, d) = ({len(gt.removed)}, {problem.n_params})")
         eval_inputs = problem.train.inputs[gt.eval_idx.to(problem.device)]
         with torch.no_grad():
             outputs = torch.stack([problem.model(problem.params + d, eval_inputs) for d in delta]).cpu().numpy()
+        overflow = ~np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)
+        if overflow.any():
+            result["output_overflow"] = int(overflow.sum())
+            log.warning("%s / %s: the predicted parameter change makes the model's outputs non-finite for %d of %d "
+                        "removed examples: no output distance", result["task"], result["estimator"],
+                        overflow.sum(), len(overflow))
+            return None
         truth = gt.response(self.ground_truth_of(result["task"]))
         keep = ~untrusted_rows(truth["certificate"])
         keep = keep if keep.size else np.ones(len(gt.removed), dtype=bool)

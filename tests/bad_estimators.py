@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from estimators.base import Estimator
+from estimators.base import Estimator, ParameterEstimator
 from estimators.grad_dot import GradDot
 
 
@@ -106,3 +106,18 @@ class ChangesGlobalState(GradDot):
         torch.set_grad_enabled(False)
         torch.use_deterministic_algorithms(True)
         return super().fit(problem)
+
+
+class OverflowingChange(ParameterEstimator):
+    """A finite parameter change so large that the model's outputs at θˢ + Δ overflow, with
+    finite scores of its own (grad-dot's)."""
+
+    def fit(self, problem):
+        self.problem_ = problem
+        return self
+
+    def parameter_change(self, train_idx):
+        return torch.full((len(train_idx), self.problem.n_params), 1e308, dtype=self.problem.dtype)
+
+    def scores(self, train_idx, query):
+        return self.problem.gradients(query) @ self.problem.train_gradients(train_idx).T

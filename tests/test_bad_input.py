@@ -179,6 +179,19 @@ BAD = {
 }
 
 
+def test_outputs_that_overflow_give_no_output_distance(session, tmp_path):
+    """A finite Δ that makes f(θˢ + Δ, x) overflow: the row keeps its (finite) correlations, has
+    no output distance (not NaN), says for how many removed examples, and writes valid JSON."""
+    result = session.run("lr-cancer", spec("OverflowingChange"))
+    assert result["status"] == "ok", result["error"]
+    assert result["pearson"] is not None
+    assert result["output_distance"] is None and result["output_distance_relative"] is None
+    assert result["output_overflow"] == result["n_removed"]
+    written = json.loads(result_path(result, tmp_path / "results").read_text(), parse_constant=pytest.fail)
+    assert written["output_distance"] is None and written["output_overflow"] == result["n_removed"]
+    assert session.estimates[("lr-cancer", result["estimator"])]["outputs"] is None
+
+
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_estimator_fails_row_and_rest_goes_on(session, tmp_path, name):
     before = session.run("lr-cancer", "grad-dot")
