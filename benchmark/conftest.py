@@ -16,7 +16,6 @@ summary table and --update-baseline work the same with and without -n.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from estimators import (DEFAULT_ESTIMATORS, EstimatorSpecError, UnknownEstimator
                         parse_param)
 from tasks import SCALES, TASKS, default_tasks, did_you_mean
 
-from . import guard
+from . import guard, schedule
 from .ground_truth import ALL_RESPONSES
 from .measure import available_cpus
 from .report import summary_table
@@ -170,23 +169,39 @@ def pytest_generate_tests(metafunc):
                              ids=tasks)
 
 
-_TASK_OF_NODEID = re.compile(r"::test_(?:estimator|decomposition)\[([^/\]]+)")
+def _task_order(config) -> dict[str, int]:
+    """Each selected task's place when handed to the workers: longest expected first
+    (benchmark.schedule)."""
+    tasks, estimators = _selected(config)
+    timings = schedule.load_timings(config.stash[_SESSION].cache.root)
+    committed = REPO / "leaderboard" / "results"
+    expected = {t: schedule.expected_seconds(t, config.getoption("--scale"), estimators, _decomposition_on(config),
+                                             timings, committed) for t in tasks}
+    return {t: i for i, t in enumerate(schedule.longest_first(tasks, expected))}
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadgroup`: one work unit per task (its rows, then its decomposition), read from the
-    test id. xdist's own grouping appends the xdist_group mark to the node id, which pytest ≥ 9.2
-    no longer lets it change (pytest-xdist#1386): the rows of one task were spread over the
-    workers, each loading the task and the decomposition fitting its estimators again."""
+    test id, handed out longest first (benchmark.schedule). xdist's own grouping appends the
+    xdist_group mark to the node id, which pytest ≥ 9.2 no longer lets it change
+    (pytest-xdist#1386): the rows of one task were spread over the workers, each loading the
+    task and the decomposition fitting its estimators again."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
     class TaskScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            match = _TASK_OF_NODEID.search(nodeid)
-            return "task:" + match.group(1) if match else super()._split_scope(nodeid)
+            row = schedule.row_of(nodeid)
+            return "task:" + row[0] if row else super()._split_scope(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if not getattr(self, "_ordered", False) and _SESSION in config.stash:  # before the first unit goes out
+                self._ordered = True
+                place = _task_order(config)
+                schedule.reorder_units(self.workqueue, lambda scope: place.get(scope.removeprefix("task:"), -1))
+            super()._assign_work_unit(node)
 
     return TaskScheduling(config, log)
 
@@ -247,8 +262,12 @@ class _Rows:
         self.rows: list[dict] = []
         self.decompositions: list[dict] = []
         self.notes: list[str] = []
+        self.seconds: dict[tuple[str, str], float] = {}  # (task, row) -> setup + call + teardown
 
     def pytest_runtest_logreport(self, report):
+        row = schedule.row_of(report.nodeid)
+        if row is not None:
+            self.seconds[row] = self.seconds.get(row, 0.0) + report.duration
         if report.when == "call":
             self.rows.extend(value for name, value in report.user_properties if name == _ROW)
             self.decompositions.extend(value for name, value in report.user_properties if name == _DECOMPOSITION)
@@ -260,7 +279,14 @@ class _Rows:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session):
-        if hasattr(self.config, "workerinput") or not self.config.getoption("--update-baseline"):
+        if hasattr(self.config, "workerinput"):
+            return
+        try:  # for the next run's order of tasks (benchmark.schedule); a hint, never an error
+            schedule.record_timings(self.config.stash[_SESSION].cache.root, self.config.getoption("--scale"),
+                                    self.seconds)
+        except OSError as exc:
+            self.notes.append(f"note: could not record the rows' timings in the cache ({exc})")
+        if not self.config.getoption("--update-baseline"):
             return
         path = _baseline_path(self.config)
         if path is None:

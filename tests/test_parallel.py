@@ -81,6 +81,9 @@ def test_xdist_gives_the_serial_numbers(tmp_path):
     # broke xdist's own grouping: benchmark/conftest.py schedules by task)
     ran = [line for line in par.stdout.splitlines() if "PASSED benchmark/" in line]
     assert len(ran) == 4 and len({line.split("]")[0] for line in ran}) == 1, ran
+    # the controller kept each row's seconds for the next run's longest-first order (benchmark.schedule)
+    timings = json.loads((cache / "timings.json").read_text())["smoke"]["lr-cancer"]
+    assert sorted(timings) == ["cg", "decomposition", "exact", "grad-dot"] and min(timings.values()) > 0, timings
     ser = _bench(cache, tmp_path / "serial")
     assert ser.returncode == 0, ser.stdout + ser.stderr
     # the summary table is printed by the xdist controller too
@@ -106,3 +109,29 @@ def test_xdist_gives_the_serial_numbers(tmp_path):
         assert a[key] == b[key], f"decomposition {key} differs between serial and -n 2"
     assert [g["gap"] for g in a["gaps"]] == ["warm-start gap", "proximity gap", "non-convergence gap",
                                              "linearization error", "solver error (exact)", "solver error (cg)"]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_xdist_runs_each_task_on_one_worker_in_any_order(tmp_path):
+    """Three tasks, the recorded timings putting the last of the registry first: every task's
+    rows still run on one worker (xdist sends workers indices into their own collection, so the
+    order is changed in the queue of work units, not in the collection)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "timings.json").write_text(json.dumps({"smoke": {"mlp-energy": {"exact": 90.0, "grad-dot": 9.0},
+                                                              "lr-cancer": {"exact": 1.0}}}))
+    cmd = [sys.executable, "-m", "pytest", "benchmark/", "--scale", "smoke", "--task", "lr-cancer", "--task",
+           "lr-diabetes", "--task", "mlp-energy", "--estimator", "exact", "--estimator", "grad-dot",
+           "--no-decomposition", "--baseline", "none", "--cache-dir", str(cache), "--results-dir",
+           str(tmp_path / "results"), "-p", "no:cacheprovider", "-n", "2", "--dist", "loadgroup", "-v"]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    workers: dict[str, set[str]] = {}
+    for line in run.stdout.splitlines():
+        if "PASSED benchmark/" in line:
+            task = line.split("test_estimator[")[1].split("/")[0]
+            workers.setdefault(task, set()).add(line.split("]")[0])
+    assert sorted(workers) == ["lr-cancer", "lr-diabetes", "mlp-energy"], run.stdout
+    assert all(len(w) == 1 for w in workers.values()), workers
+    timings = json.loads((cache / "timings.json").read_text())["smoke"]
+    assert sorted(timings["mlp-energy"]) == ["exact", "grad-dot"] and timings["mlp-energy"]["exact"] < 90.0
