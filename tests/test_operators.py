@@ -524,6 +524,7 @@ def test_gnvp_by_jacobians_is_the_vector_product(monkeypatch, budget):
     assert conv.products_by_jacobians(len(V))
     by_jacobians = [conv.gnvp(V), conv.gnvp(V, batch=conv.train.subset(torch.arange(5))), conv.gnvp(V, params=theta)]
     monkeypatch.setattr(Problem, "products_by_jacobians", lambda self, k: False)
+    monkeypatch.setattr(Problem, "stored_products", lambda self, k: False)
     by_vectors = [conv.gnvp(V), conv.gnvp(V, batch=conv.train.subset(torch.arange(5))), conv.gnvp(V, params=theta)]
     for a, b in zip(by_jacobians, by_vectors):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13 * float(b.abs().max()))
@@ -545,8 +546,27 @@ def test_training_set_jacobians_kept_for_repeated_products(monkeypatch):
     torch.testing.assert_close(unkept.gnvp(V), first, rtol=1e-12, atol=0)
     assert unkept._train_jacobians is None
     monkeypatch.setattr(Problem, "products_by_jacobians", lambda self, k: False)
+    monkeypatch.setattr(Problem, "stored_products", lambda self, k: False)
     by_vectors = _conv_problem().gnvp(V)
     torch.testing.assert_close(first, by_vectors, rtol=1e-11, atol=1e-13 * float(by_vectors.abs().max()))
+
+
+def test_a_cnn_keeps_its_jacobians_for_few_vectors_too(monkeypatch, mlp):
+    """On a network that reuses its weights (F ≥ 4d) products at θˢ over the training set go
+    through the kept Jacobians even where the flop rule computing them afresh says no (k ≤ C):
+    the same G V. An MLP keeps none."""
+    conv = _conv_problem()
+    V = vectors(conv.n_params, k=3)
+    assert conv.stored_products(3) and not conv.products_by_jacobians(3)
+    kept = conv.gnvp(V)
+    assert conv._train_jacobians is not None
+    small_mlp = mlp(SIZES, "tanh", n_train=N)
+    assert not small_mlp.stored_products(40)
+    small_mlp.gnvp(vectors(small_mlp.n_params, k=40))
+    assert small_mlp._train_jacobians is None
+    monkeypatch.setattr(Problem, "stored_products", lambda self, k: False)
+    by_vectors = _conv_problem().gnvp(V)
+    torch.testing.assert_close(kept, by_vectors, rtol=1e-11, atol=1e-13 * float(by_vectors.abs().max()))
 
 
 def test_gnvp_over_training_rows_is_the_minibatch_product(mlp):
