@@ -6,8 +6,8 @@ with G_Bj the Gauss–Newton matrix of a fresh minibatch Bj at every step (share
 removed examples), averaged over `repeats` independent recursions. Truncation at depth J acts
 like extra damping of about s/J (Vicol et al. 2022).
 
-Defaults: batch 128, 1 repeat, scale s = 2 (λ_max(G) + μ) with λ_max from 20 power iterations on
-the full-batch G in `fit`, and the depth rule
+Defaults: batch 128, 1 repeat, minibatch products in float32 (below), scale s = 2 (λ_max(G) + μ)
+with λ_max from 20 power iterations on the full-batch G in `fit`, and the depth rule
 
     J = clip(⌈s/μ⌉, MIN_DEPTH = 100, MAX_DEPTH = 2000)        (`depth=None`; `depth=J` overrides it)
 
@@ -37,6 +37,16 @@ max 34.9, and the recursion amplified rows to finite nonsense (Pearson −0.03, 
 overflowing). So a row that breaks the bound at any step is rerun with s doubled (and J by the
 same rule), at most MAX_SCALE_DOUBLINGS times, then LiSSA raises; the other rows are untouched,
 and `solver_` counts the rerun rows.
+
+Float32 products. `gauss_newton_dtype="float32"` runs only the products G_B h on a float32 copy
+of the problem (Problem.lowered, with its own kept Jacobians); h, b and the answer stay in the
+problem's dtype, so each step adds float32 rounding (≈ 1e-7 of G_B h) to a recursion whose
+minibatch noise is of order 1/√batch. Measured (one thread, idle machine): a step of 40 vectors
+over 128 examples on alexnet-cifar at `cpu` 107 → 38 ms, mlp-mnist 19.5 → 8.1 ms,
+transformer-ptb (25 vectors) 581 → 245 ms; the lenet-mnist `cpu` row 62.7 → 34.9 s with Pearson
+0.8736382 → 0.8736376, Spearman equal, scores within 4.5e-6 (relative). None keeps every product
+in the problem's dtype. A row that breaks the stable bound below leaves the recursion at that
+step (its rerun starts afresh), so a pass at too small a scale costs only the steps until then.
 
 The full batch. When `batch_size` ≥ N every "minibatch" is the whole training set, so every step
 applies the same G and the recursion has a closed form in G's eigenbasis (G = Q diag(λ) Qᵀ):
@@ -90,13 +100,14 @@ class LiSSA(ParameterEstimator):
     DENSE_MAX_FLOPS = 2e12
 
     def __init__(self, damping: float | None = None, depth: int | None = None, scale: float | None = None,
-                 batch_size: int = 128, repeats: int = 1, seed: int = 0):
+                 batch_size: int = 128, repeats: int = 1, seed: int = 0, gauss_newton_dtype: str | None = "float32"):
         self.damping = damping
         self.depth = depth
         self.scale = scale
         self.batch_size = batch_size
         self.repeats = repeats
         self.seed = seed
+        self.gauss_newton_dtype = gauss_newton_dtype
 
     def fit(self, problem: Problem) -> "LiSSA":
         self.mu_ = effective_damping(problem, self.damping)
@@ -109,6 +120,9 @@ class LiSSA(ParameterEstimator):
             self.scale_ = float(self.scale)
         self.depth_ = lissa_depth(self.scale_, self.mu_) if self.depth is None else int(self.depth)
         self.eigh_ = self.kernel_ = None
+        dtype = self._products_dtype(problem)
+        recursion = self.batch_size < problem.n_train
+        self.products_ = problem.lowered(dtype) if recursion and dtype != problem.dtype else problem
         self.rows_rescaled_ = 0
         if self.batch_size >= problem.n_train:  # every step applies the same G: the closed form
             n, d = problem.n_train, problem.n_params
@@ -119,6 +133,17 @@ class LiSSA(ParameterEstimator):
             elif d <= self.DENSE_MAX_PARAMS and dense_gauss_newton_flops(problem) <= self.DENSE_MAX_FLOPS:
                 self.eigh_ = torch.linalg.eigh(problem.gauss_newton_matrix())
         return self
+
+    def _products_dtype(self, problem: Problem) -> torch.dtype:
+        """The dtype of the recursion's minibatch products: `gauss_newton_dtype`, or the problem's
+        own where it is None."""
+        if self.gauss_newton_dtype is None:
+            return problem.dtype
+        dtype = getattr(torch, str(self.gauss_newton_dtype), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"lissa: gauss_newton_dtype={self.gauss_newton_dtype!r} is not a floating torch dtype; "
+                             "give 'float32', 'float64' or None (the problem's own)")
+        return dtype
 
     def _phi(self, lam: Tensor) -> Tensor:
         """φ(λ) = (1 − (1 − (λ + μ)/s)^(J+1)) / (λ + μ), the J-step recursion's h_J / s along an
@@ -179,20 +204,29 @@ class LiSSA(ParameterEstimator):
         """The minibatch recursion's h_J / s for b (k, d), averaged over the repeats -> (x (k, d),
         stable (k,) bool). Where every minibatch has λ_max(G_B) + μ ≤ 2s, each step maps h to
         b + (I − (G_B + μI)/s) h with ‖I − (G_B + μI)/s‖ ≤ 1, so ‖h_j‖ ≤ (j + 1)‖b‖; a row that
-        exceeds that bound was amplified by a sharper minibatch and is not `stable`. The
-        minibatches depend only on the seed, so a row's answer does not depend on the other rows."""
-        p = self.problem
+        exceeds that bound was amplified by a sharper minibatch and is not `stable`, and leaves
+        the recursion at once (its x is left at 0). The minibatches depend only on the seed, so a
+        row's answer does not depend on the other rows. h is kept in the problem's dtype; only
+        G_B h runs in `products_` (gauss_newton_dtype)."""
+        p, low = self.problem, self.products_
         g = torch.Generator().manual_seed(p.seed + self.seed + 1)
         b_norm = torch.linalg.vector_norm(b, dim=-1)
         stable = torch.ones(len(b), dtype=torch.bool, device=b.device)
         total = torch.zeros_like(b)
         for _ in range(self.repeats):
-            h = b.clone()
+            live = stable.nonzero().flatten()  # the rows still in the recursion
+            b_live, bound = b[live], b_norm[live] * (1 + 1e-9)
+            h = b_live.clone()
             for j in range(depth):
+                if not len(live):
+                    return total / self.repeats, stable
                 rows = torch.randperm(p.n_train, generator=g)[:self.batch_size].to(p.device)
-                h = b + h - (p.gnvp(h, rows=rows) + self.mu_ * h) / s
-                stable &= torch.linalg.vector_norm(h, dim=-1) <= (j + 2) * b_norm * (1 + 1e-9)
-            total += h / s
+                h = b_live + h - (low.gnvp(h.to(low.dtype), rows=rows).to(h.dtype) + self.mu_ * h) / s
+                ok = torch.linalg.vector_norm(h, dim=-1) <= (j + 2) * bound
+                if not ok.all():
+                    stable[live[~ok]] = False
+                    live, b_live, bound, h = live[ok], b_live[ok], bound[ok], h[ok]
+            total[live] += h / s
         return total / self.repeats, stable & torch.isfinite(total).all(dim=-1)
 
     @staticmethod

@@ -245,6 +245,10 @@ def test_lissa_reruns_rows_that_a_sharp_minibatch_amplified(problem, monkeypatch
     first, stable_first = est._recursion(b, 0.76 * lam, 300)
     second, stable_second = est._recursion(b, 2 * 0.76 * lam, 300)
     assert int((~stable_first).sum()) == est.rows_rescaled_ and stable_second.all()
+    problem.counter.reset()
+    est._recursion(b, 0.76 * lam, 300)
+    full = 300 * 4 * len(idx)  # minibatch products if the unbounded rows had stayed in the recursion
+    assert full - 300 * 4 * est.rows_rescaled_ < problem.counter.as_dict()["gnvp"] < full  # they left early
     assert torch.equal(x, torch.where(stable_first[:, None], first, second))
     assert torch.equal(LiSSA(depth=300, batch_size=4, scale=0.76 * lam).fit(problem).parameter_change(idx[3:7]), x[3:7])
     calm = LiSSA(depth=300, batch_size=4, scale=2 * lam).fit(problem)
@@ -253,6 +257,24 @@ def test_lissa_reruns_rows_that_a_sharp_minibatch_amplified(problem, monkeypatch
     monkeypatch.setattr(LiSSA, "MAX_SCALE_DOUBLINGS", 0)
     with pytest.raises(FloatingPointError, match="beyond the stable bound.*larger `scale`"):
         LiSSA(depth=300, batch_size=4, scale=0.76 * lam).fit(problem).parameter_change(idx)
+
+
+def test_lissa_float32_products_keep_the_float64_recursion(problem, idx):
+    """gauss_newton_dtype="float32" (the default) runs only the minibatch products G_B h in a
+    float32 copy of the problem: h stays float64 and the answer moves by float32 rounding, far
+    below the minibatch noise (checked against a different seed); None keeps every product in
+    float64, and a dtype that is not a float is refused by name."""
+    low = LiSSA(depth=200, batch_size=12).fit(problem)
+    full = LiSSA(depth=200, batch_size=12, gauss_newton_dtype=None).fit(problem)
+    assert low.products_.dtype == torch.float32 and full.products_ is problem
+    x, x64 = low.parameter_change(idx), full.parameter_change(idx)
+    assert x.dtype == torch.float64
+    assert 0 < rel_err(x, x64) < 1e-5
+    assert rel_err(LiSSA(depth=200, batch_size=12, seed=1).fit(problem).parameter_change(idx), x64) > 1e-3
+    closed = LiSSA(depth=60, batch_size=problem.n_train).fit(problem)
+    assert closed.products_ is problem  # the full-batch closed form is float64 throughout
+    with pytest.raises(ValueError, match="gauss_newton_dtype='int8'.*float32"):
+        LiSSA(gauss_newton_dtype="int8").fit(problem)
 
 
 def test_lissa_full_batch_closed_form_through_the_kernel(monkeypatch):
