@@ -380,7 +380,8 @@ class Problem:
 
     #: the training set's Jacobians at θˢ are kept after the first product that takes them
     #: (gnvp over the training set or its `rows` at θˢ: CG's every iteration, LiSSA's every
-    #: minibatch) when they hold at most this many
+    #: minibatch), or the first dense G at θˢ on a weight-reusing net (`exact`, then shared with
+    #: the products), when they hold at most this many
     #: numbers (1 GiB in float64; ResNet-20 at cpu: 98M); every later product is then two matrix
     #: products. 0: never kept.
     STORE_JACOBIANS_MAX = 2 ** 27
@@ -397,8 +398,12 @@ class Problem:
         the 1,000 examples 18.5 s by forward and reverse mode, 1.33 s by the kept Jacobians
         (7.8 s once to compute them), equal to 3e-15; its `cg` row spent 1,247 s in 101 such
         products. An MLP's products are matrix products already (mlp-mnist: the rule keeps them)."""
-        if self.products_by_jacobians(k):
-            return True
+        return self.products_by_jacobians(k) or self._reuses_weights()
+
+    def _reuses_weights(self) -> bool:
+        """Whether the training set's Jacobians fit STORE_JACOBIANS_MAX and the network reuses its
+        weights (WEIGHT_REUSE_FLOPS): then they are kept on first use, by products and by the
+        dense Gauss–Newton matrix alike."""
         fits = self.n_train * self.n_outputs * self.n_params <= self.STORE_JACOBIANS_MAX
         return fits and self.forward_flops() >= self.WEIGHT_REUSE_FLOPS * self.n_params
 
@@ -460,9 +465,15 @@ class Problem:
         example's Rᵢᵀ Jᵢ with H_y,ᵢ = Rᵢ Rᵢᵀ (the output Hessian's null directions left out, so
         m_c ≤ chunk · C), so that Σᵢ Jᵢᵀ H_y,ᵢ Jᵢ = Σ rowsᵀ rows."""
         d = theta.numel()
-        for c in self._chunks(batch, self._jacobian_chunk_size(theta, batch)):
-            J = self._output_jacobians(theta, c.inputs)  # (n, C, d)
-            out = self.model(theta, c.inputs).detach()
+        size = self._jacobian_chunk_size(theta, batch)
+        stored = (self._stored_train_jacobians() if batch is self.train and theta is self.params
+                  and self._reuses_weights() else None)
+        for start, c in zip(range(0, len(batch), size), self._chunks(batch, size)):
+            if stored is not None:  # the kept Jacobians, computed in the same chunks
+                J, out = stored[0][start:start + size], stored[1][start:start + size]
+            else:
+                J = self._output_jacobians(theta, c.inputs)  # (n, C, d)
+                out = self.model(theta, c.inputs).detach()
             H = output_hessians(self.loss, out, c.targets)  # (n, C, C)
             root = psd_sqrt(H, drop_null=True)  # H = R Rᵀ, R (n, C, rank)
             yield torch.einsum("ncd,nce->ned", J, root).reshape(-1, d), len(c)  # rows Rᵀ J
@@ -477,7 +488,8 @@ class Problem:
         return torch.cat([rows for rows, _ in self._gauss_newton_row_chunks(batch, theta)])
 
     def gauss_newton_matrix(self, batch: Batch | None = None, params: Tensor | None = None) -> Tensor:
-        """The dense G (d, d) over `batch` (default: training set). Costs n·C·d² flops."""
+        """The dense G (d, d) over `batch` (default: training set). Costs n·C·d² flops; over the
+        training set at θˢ on a weight-reusing net, from the kept Jacobians (`_reuses_weights`)."""
         theta = self._theta(params)
         batch = self.train if batch is None else batch
         d = theta.numel()

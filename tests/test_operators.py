@@ -569,6 +569,32 @@ def test_a_cnn_keeps_its_jacobians_for_few_vectors_too(monkeypatch, mlp):
     torch.testing.assert_close(kept, by_vectors, rtol=1e-11, atol=1e-13 * float(by_vectors.abs().max()))
 
 
+def test_the_dense_gauss_newton_matrix_shares_the_kept_jacobians(monkeypatch):
+    """On a network that reuses its weights, G at θˢ over the training set is built from the
+    kept Jacobians (computing them on first use), so the products after it (`cg` after `exact`)
+    compute none: bitwise the G built from fresh Jacobians, and equal to G's products. Any other
+    batch or θ computes its own."""
+    conv = _conv_problem()
+    G = conv.gauss_newton_matrix()
+    assert conv._train_jacobians is not None
+    V = vectors(conv.n_params, k=3)
+    monkeypatch.setattr(Problem, "_output_jacobians", lambda *a: pytest.fail("computed Jacobians again"))
+    kept = conv.gnvp(V)
+    torch.testing.assert_close(kept, V @ G, rtol=1e-10, atol=1e-12 * float(kept.abs().max()))
+    monkeypatch.undo()
+    fresh = _conv_problem()
+    monkeypatch.setattr(Problem, "STORE_JACOBIANS_MAX", 0)
+    assert torch.equal(fresh.gauss_newton_matrix(), G) and fresh._train_jacobians is None
+    monkeypatch.undo()
+    half = conv.train.subset(torch.arange(N // 2))
+    calls = []
+    original = Problem._output_jacobians
+    monkeypatch.setattr(Problem, "_output_jacobians", lambda self, *a: calls.append(1) or original(self, *a))
+    conv.gauss_newton_matrix(batch=half)
+    conv.gauss_newton_matrix(params=conv.params.clone())
+    assert len(calls) == 2
+
+
 def test_gnvp_over_training_rows_is_the_minibatch_product(mlp):
     """gnvp(rows=idx) is gnvp(batch=train.subset(idx)), from the kept Jacobians on a CNN and by
     vectors on an MLP (which keeps none); rows and batch together are refused."""
