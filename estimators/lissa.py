@@ -88,7 +88,7 @@ def lissa_depth(scale: float, mu: float) -> int:
 
 
 class LiSSA(ParameterEstimator):
-    description = "LiSSA with minibatch Gauss-Newton products"
+    description = "LiSSA with minibatch Gauss-Newton products (float32 products, float64 recursion)"
 
     #: the depth rule J = clip(⌈s/μ⌉, MIN_DEPTH, MAX_DEPTH), used when depth is None
     MIN_DEPTH = 100
