@@ -188,6 +188,9 @@ class Problem:
         self._n_outputs: int | None = None
         self._forward_flops: float | None = None
         self._train_jacobians: tuple[Tensor, Tensor] | None = None
+        #: a lowered copy's source problem (`lowered`), whose kept Jacobians it rounds instead of
+        #: computing its own
+        self._jacobians_source: "Problem | None" = None
 
     def checkpoints(self) -> list:
         """θ at a few epoch ends of the base training, as benchmark.training.Checkpoint (epoch,
@@ -232,7 +235,12 @@ class Problem:
     def lowered(self, dtype: torch.dtype) -> "Problem":
         """The same problem in `dtype` (float32: a cheaper, rounded copy for inner solves): its own
         cast copy of the module, θˢ and the floating inputs and targets; the counter is shared,
-        so its evaluations count as this problem's. Everything else is this problem's."""
+        so its evaluations count as this problem's. Its kept training Jacobians (where it keeps
+        them) are this problem's, computed here on first use and rounded to `dtype`: no slower
+        than its own (ResNet-20 at cpu, one thread: 11.0 s in float64, 11.7 s in float32), free
+        when this problem has them already (`exact` before `lissa`), and closer to the float64
+        ones (its own float32 Jacobians differ from them by 6.5e-4 there, relative). Everything
+        else is this problem's."""
         def cast(t: Tensor | None) -> Tensor | None:
             return t.to(dtype) if t is not None and t.is_floating_point() else t
 
@@ -242,7 +250,7 @@ class Problem:
         low.params, low.theta0 = cast(self.params), cast(self.theta0)
         low.train = Batch(cast(self.train.inputs), cast(self.train.targets))
         low.query = Batch(cast(self.query.inputs), cast(self.query.targets))
-        low._train_jacobians = None  # its own, in its dtype
+        low._train_jacobians, low._jacobians_source = None, self
         return low
 
     # ---- library access ----------------------------------------------------------------------
@@ -414,9 +422,13 @@ class Problem:
         if stored is None:
             if self.n_train * self.n_outputs * self.n_params > self.STORE_JACOBIANS_MAX:
                 return None
-            J = torch.cat([self._output_jacobians(self.params, c.inputs)
-                           for c in self._chunks(self.train, self._jacobian_chunk_size(self.params, self.train))])
-            stored = self._train_jacobians = (J, self.model(self.params, self.train.inputs).detach())
+            if self._jacobians_source is not None:  # a lowered copy: its source's, rounded
+                stored = tuple(t.to(self.dtype) for t in self._jacobians_source._stored_train_jacobians())
+            else:
+                J = torch.cat([self._output_jacobians(self.params, c.inputs)
+                               for c in self._chunks(self.train, self._jacobian_chunk_size(self.params, self.train))])
+                stored = (J, self.model(self.params, self.train.inputs).detach())
+            self._train_jacobians = stored
         return stored
 
     def gnvp(self, vectors: Tensor, batch: Batch | None = None, params: Tensor | None = None,

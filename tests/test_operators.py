@@ -595,6 +595,26 @@ def test_the_dense_gauss_newton_matrix_shares_the_kept_jacobians(monkeypatch):
     assert len(calls) == 2
 
 
+def test_a_lowered_copy_rounds_its_sources_kept_jacobians(monkeypatch):
+    """Problem.lowered keeps no Jacobians of its own computation: it rounds its source's (computed
+    there on first use, once for both), so its minibatch products are the source's kept
+    Jacobians in float32, and `lissa` after `exact` computes no Jacobians at all."""
+    conv = _conv_problem()
+    low = conv.lowered(torch.float32)
+    V, idx = vectors(conv.n_params, k=3), torch.tensor([4, 1, 9])
+    calls = []
+    original = Problem._output_jacobians
+    monkeypatch.setattr(Problem, "_output_jacobians", lambda self, *a: calls.append(self.dtype) or original(self, *a))
+    out = low.gnvp(V.float(), rows=idx)
+    assert calls and set(calls) == {torch.float64}  # the source's, in its dtype
+    assert conv._train_jacobians is not None and conv._train_jacobians[0].dtype == torch.float64
+    assert torch.equal(low._train_jacobians[0], conv._train_jacobians[0].float())
+    calls.clear()
+    conv.gnvp(V), low.lowered(torch.float32).gnvp(V.float())
+    assert not calls
+    torch.testing.assert_close(out.double(), conv.gnvp(V, rows=idx), rtol=1e-5, atol=1e-6 * float(out.abs().max()))
+
+
 def test_gnvp_over_training_rows_is_the_minibatch_product(mlp):
     """gnvp(rows=idx) is gnvp(batch=train.subset(idx)), from the kept Jacobians on a CNN and by
     vectors on an MLP (which keeps none); rows and batch together are refused."""
