@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 
+import torch
 from torch import Tensor
 
 from benchmark.problem import Batch, Problem
@@ -95,3 +96,16 @@ def dense_gauss_newton_flops(problem: Problem) -> float:
     """N·C·d²: the flops of forming the dense G over the training set (C outputs per example)."""
     n_outputs = problem.outputs(problem.train.inputs[:1]).numel()
     return problem.n_train * n_outputs * problem.n_params ** 2
+
+
+def dtype_option(value: str | None, owner: str, option: str, default: torch.dtype) -> torch.dtype:
+    """The torch dtype an estimator's dtype option names ("float32", "float64"), or `default`
+    (the problem's) where it is None; anything that is not a floating torch dtype is refused
+    with a message naming the option."""
+    if value is None:
+        return default
+    dtype = getattr(torch, str(value), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{owner}: {option}={value!r} is not a floating torch dtype; "
+                         "give 'float32', 'float64' or None (the problem's own)")
+    return dtype

@@ -77,7 +77,7 @@ from torch import Tensor
 from benchmark.linalg import KernelSolver, add_gram_, top_eigenvalue
 from benchmark.problem import Problem
 
-from .base import ParameterEstimator, dense_gauss_newton_flops, effective_damping
+from .base import ParameterEstimator, dense_gauss_newton_flops, dtype_option, effective_damping
 
 log = logging.getLogger("ifbench")
 
@@ -120,7 +120,7 @@ class LiSSA(ParameterEstimator):
             self.scale_ = float(self.scale)
         self.depth_ = lissa_depth(self.scale_, self.mu_) if self.depth is None else int(self.depth)
         self.eigh_ = self.kernel_ = None
-        dtype = self._products_dtype(problem)
+        dtype = dtype_option(self.gauss_newton_dtype, "lissa", "gauss_newton_dtype", problem.dtype)
         recursion = self.batch_size < problem.n_train
         self.products_ = problem.lowered(dtype) if recursion and dtype != problem.dtype else problem
         self.rows_rescaled_ = 0
@@ -133,17 +133,6 @@ class LiSSA(ParameterEstimator):
             elif d <= self.DENSE_MAX_PARAMS and dense_gauss_newton_flops(problem) <= self.DENSE_MAX_FLOPS:
                 self.eigh_ = torch.linalg.eigh(problem.gauss_newton_matrix())
         return self
-
-    def _products_dtype(self, problem: Problem) -> torch.dtype:
-        """The dtype of the recursion's minibatch products: `gauss_newton_dtype`, or the problem's
-        own where it is None."""
-        if self.gauss_newton_dtype is None:
-            return problem.dtype
-        dtype = getattr(torch, str(self.gauss_newton_dtype), None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"lissa: gauss_newton_dtype={self.gauss_newton_dtype!r} is not a floating torch dtype; "
-                             "give 'float32', 'float64' or None (the problem's own)")
-        return dtype
 
     def _phi(self, lam: Tensor) -> Tensor:
         """φ(λ) = (1 − (1 − (λ + μ)/s)^(J+1)) / (λ + μ), the J-step recursion's h_J / s along an

@@ -75,26 +75,30 @@ def rel_err(a, b) -> float:
 
 def test_exact_is_damped_gauss_newton_solve(problem, exact):
     est, delta, S = exact
-    assert est.solver_ == "dense"
+    assert est.solver_ == "pcg (float32 factor)"
     G = problem.gauss_newton_matrix()
     mu = problem.weight_decay + problem.damping
     grads = autograd_gradients(problem, problem.train.subset(REMOVED))
     expected = problem.epsilon * torch.linalg.solve(G + mu * torch.eye(problem.n_params, dtype=G.dtype), grads.T).T
     assert delta.shape == (len(REMOVED), problem.n_params)
-    assert rel_err(delta, expected) < 1e-10
+    assert rel_err(delta, expected) < 1e-9
     gq = autograd_gradients(problem, problem.query)
     assert S.shape == (len(problem.query), len(REMOVED))
-    assert rel_err(S, gq @ expected.T) < 1e-10
-    # the CG path of the same estimator
-    cg_path = Exact(dense_max_params=0, rtol=1e-13).fit(problem)
-    assert cg_path.solver_ == "cg"
-    assert rel_err(cg_path.parameter_change(REMOVED), delta) < 1e-9
+    assert rel_err(S, gq @ expected.T) < 1e-9
+    # every path of the same estimator, the float32 ones certified by float64 residuals
+    for kwargs, path in (({"inner_dtype": None}, "dense"), ({"dense_max_params": 0}, "refined cg (float32)"),
+                         ({"dense_max_params": 0, "inner_dtype": None}, "cg")):
+        other = Exact(rtol=1e-13, **kwargs).fit(problem)
+        assert other.solver_ == path
+        assert rel_err(other.parameter_change(REMOVED), expected) < 1e-9
     # the flop bound: forming G costs N·C·d²; one flop below it the dense path, at it CG
     C = problem.outputs(problem.train.inputs[:1]).numel()
     flops = problem.n_train * C * problem.n_params ** 2
-    assert Exact(dense_max_flops=flops).fit(problem).solver_ == "dense"
-    by_flops = Exact(dense_max_flops=flops - 1, rtol=1e-13).fit(problem)
+    assert Exact(dense_max_flops=flops, inner_dtype=None).fit(problem).solver_ == "dense"
+    by_flops = Exact(dense_max_flops=flops - 1, rtol=1e-13, inner_dtype=None).fit(problem)
     assert by_flops.solver_ == "cg" and rel_err(by_flops.parameter_change(REMOVED), delta) < 1e-9
+    with pytest.raises(ValueError, match="inner_dtype='int8' is not a floating torch dtype"):
+        Exact(inner_dtype="int8").fit(problem)
 
 
 def test_exact_own_damping(problem):

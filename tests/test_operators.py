@@ -628,3 +628,46 @@ def test_gnvp_over_training_rows_is_the_minibatch_product(mlp):
     assert conv._train_jacobians is not None and small_mlp._train_jacobians is None
     with pytest.raises(ValueError, match="not both"):
         conv.gnvp(V, batch=conv.train, rows=idx)
+
+
+@pytest.mark.parametrize("max_params", [16384, 0], ids=["float32-factor", "refinement"])
+def test_float32_inner_work_is_certified_in_float64(mlp, max_params, monkeypatch):
+    """DampedGaussNewton with inner_dtype=float32 (`exact`'s default) solves to the same rtol as
+    the all-float64 solve, its residual measured with float64 products: a float32 dense factor
+    preconditions float64 CG, or float32 CG refines a float64 residual. Float32 alone is far
+    from it (its residual above 1e-7). Rows that stop improving (REFINE_FACTOR) and a float32
+    factor that is not positive definite fall back to the problem's dtype, as accurate."""
+    from benchmark.responses import DampedGaussNewton, SolverSettings
+    problem = mlp((8, 16, 16, 4), "tanh", n_train=150, train_steps=30)
+    mu = 1e-3  # κ(G + μI) ≈ 5e3: float32 rounding matters
+    settings = SolverSettings(dense_max_params=max_params, linear_rtol=1e-12)
+    B = problem.epsilon * problem.train_gradients(torch.arange(6))
+    A = problem.gauss_newton_matrix() + mu * torch.eye(problem.n_params, dtype=torch.float64)
+    expected = torch.linalg.solve(A, B.T).T
+    float64_residual = lambda X: float(relative_residual(lambda V: problem.gnvp(V) + mu * V, X, B).max())
+
+    curvature = DampedGaussNewton(problem, mu, settings, torch.float32)
+    assert curvature.method == ("pcg (float32 factor)" if max_params else "refined cg (float32)")
+    X, info = curvature.solve(B)
+    assert X.dtype == torch.float64 and info.converged
+    assert float64_residual(X) <= 1e-11 and float(info.relative_residual.max()) <= 1e-11
+    assert rel_err(X, expected) < 1e-7
+    low = problem.lowered(torch.float32)
+    alone, _ = batched_cg(lambda V: low.gnvp(V) + mu * V, B.float(), rtol=1e-12, maxiter=300)
+    assert float64_residual(alone.double()) > 1e-7
+
+    if max_params:  # a float32 factor that is not positive definite: the float64 one
+        real = torch.linalg.cholesky_ex
+        monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda M: (M, torch.tensor(1)) if M.dtype == torch.float32
+                            else real(M))
+        fallback = DampedGaussNewton(problem, mu, settings, torch.float32)
+        assert fallback.method == "dense"
+    else:  # rows that stop improving: CG in float64 from where they are
+        monkeypatch.setattr(DampedGaussNewton, "REFINE_FACTOR", float("inf"))
+        fallback = DampedGaussNewton(problem, mu, settings, torch.float32)
+    Xf, info = fallback.solve(B)
+    assert info.converged and float64_residual(Xf) <= 1e-11 and rel_err(Xf, expected) < 1e-7
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
