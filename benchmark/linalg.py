@@ -118,6 +118,39 @@ def add_gram_(G: Tensor, A: Tensor, block: int = 1024) -> Tensor:
     return G
 
 
+class NystromPreconditioner:
+    """M⁻¹ ≈ (A + μI)⁻¹ for a PSD A (d, d) from a rank-ℓ randomized Nyström approximation
+    A ≈ U diag(λ) Uᵀ (Frangella, Tropp & Udell 2023, "Randomized Nyström preconditioning"):
+
+        M⁻¹ = (λ_ℓ + μ) U (diag(λ) + μI)⁻¹ Uᵀ + (I − U Uᵀ),
+
+    built from ℓ products A Ω with a random orthonormal Ω (d, ℓ), in any dtype (the products may
+    be float32: M only steers CG, whose residual is measured in its own products). With the ℓ
+    largest eigenvalues captured, preconditioned CG sees a condition number of about
+    (λ_ℓ + μ)/μ instead of (λ₁ + μ)/μ. U (d, ℓ) is kept in `dtype`."""
+
+    def __init__(self, matvec: MatVec, d: int, rank: int, mu: float, generator: torch.Generator, *,
+                 products_dtype: torch.dtype, dtype: torch.dtype = torch.float64, device=None, chunk: int = 50):
+        """matvec: A on (k, d) in products_dtype; the ℓ = min(rank, d) vectors go through it
+        `chunk` at a time; the factorisations run in float64."""
+        rank = min(rank, d)
+        omega = torch.linalg.qr(torch.randn(d, rank, generator=generator, dtype=torch.float64))[0].to(device)
+        low = omega.to(products_dtype)
+        Y = torch.cat([matvec(low[:, i:i + chunk].T.contiguous()) for i in range(0, rank, chunk)]).T.double()
+        shift = torch.finfo(products_dtype).eps * float(torch.linalg.matrix_norm(Y))  # keeps ΩᵀYν positive
+        Y = Y + shift * omega
+        C = torch.linalg.cholesky(omega.T @ Y)  # Ωᵀ(A + νI)Ω = C Cᵀ
+        U, sigma, _ = torch.linalg.svd(torch.linalg.solve_triangular(C, Y.T, upper=False).T, full_matrices=False)
+        lam = (sigma ** 2 - shift).clamp_min(0)  # A ≈ U diag(λ) Uᵀ, λ descending
+        self.U, self.eigenvalues = U.to(dtype), lam
+        self.weights = ((lam[-1] + mu) / (lam + mu) - 1).to(dtype)  # M⁻¹ = I + U diag(w) Uᵀ
+
+    def solve(self, V: Tensor) -> Tensor:
+        """M⁻¹ vᵣ for every row of V (k, d) -> (k, d)."""
+        W = V.to(self.U.dtype) @ self.U
+        return (V.to(self.U.dtype) + (W * self.weights) @ self.U.T).to(V.dtype)
+
+
 class CholeskySolver:
     """Dense solves with a fixed SPD matrix A (d, d), factorised once: A = L Lᵀ."""
 

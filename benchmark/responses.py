@@ -21,7 +21,7 @@ from torch.func import grad, vmap
 
 from tasks.base import Recipe
 
-from .linalg import CholeskySolver, KernelSolver, SolveInfo, batched_cg
+from .linalg import CholeskySolver, KernelSolver, NystromPreconditioner, SolveInfo, batched_cg
 from .problem import Batch, Problem, output_hessians, psd_sqrt
 from .training import sgd_halving_lr, stable_sgd_recipe
 
@@ -58,57 +58,59 @@ class DampedGaussNewton:
     (`dense`: the Cholesky factor of G + μI, or, where the N·C rows of G's factor F (G = FᵀF/N)
     make it cheaper, a Woodbury solve on the kernel FFᵀ: linalg.KernelSolver), by CG otherwise.
 
-    inner_dtype (None: everything in the problem's dtype) moves the inner work to a cheaper dtype
-    (float32) and keeps the certificate in the problem's: each row stops at
-    ‖bᵣ − (G + μI) xᵣ‖ ≤ rtol ‖bᵣ‖ measured with the problem's own products, so the answer is
-    the same to that tolerance. Where the Cholesky factor would be formed, G and its factor are
-    formed in inner_dtype instead and precondition CG on the problem's products (`pcg`: a few
-    iterations); where CG would run, CG on the lowered problem (Problem.lowered) solves for the
-    residual inside iterative refinement (`refined cg`). The kernel path stays as it is (cheap).
-    `exact` uses it; the ground truth's linearized response keeps None.
+    Two options make the solve cheaper without changing its answer beyond the tolerance: every
+    row still stops at ‖bᵣ − (G + μI) xᵣ‖ ≤ rtol ‖bᵣ‖ measured with the problem's own products.
+    inner_dtype (None: the problem's dtype) forms the dense G and its Cholesky factor in a
+    cheaper dtype (float32), which then preconditions CG on the problem's products (`pcg`: a few
+    iterations). nystrom_rank = ℓ > 0 preconditions the CG path by a rank-ℓ randomized Nyström
+    approximation of G (linalg.NystromPreconditioner) built from ℓ products in inner_dtype.
+    `exact` uses both; the ground truth's linearized response neither (its cache keys stay).
     """
 
-    #: relative residual of each inner CG solve of the refinement: float32 products resolve about
-    #: κ·1e-7 of it, so 1e-4 leaves each outer step well inside; on mlp-mnist at cpu (40 rows,
-    #: to 1e-10) 1e-4 took 3 outer steps and 307 inner iterations, 1e-6 took 443 (no better
-    #: residual), 1e-3 took 4 and 317, against 163 iterations of plain float64 CG
-    INNER_RTOL = 1e-4
-    #: at most this many outer steps; a row whose residual falls less than REFINE_FACTOR in one
-    #: step (the inner dtype cannot resolve it) finishes by CG in the problem's dtype instead
-    MAX_REFINEMENTS = 10
-    REFINE_FACTOR = 10.0
-
-    def __init__(self, problem: Problem, mu: float, settings: SolverSettings, inner_dtype: torch.dtype | None = None):
+    def __init__(self, problem: Problem, mu: float, settings: SolverSettings, inner_dtype: torch.dtype | None = None,
+                 nystrom_rank: int = 0):
         self.problem, self.mu, self.settings = problem, mu, settings
         self.inner_dtype = inner_dtype if inner_dtype not in (None, problem.dtype) else None
         self.dense: CholeskySolver | KernelSolver | None = None
-        self.factor: CholeskySolver | None = None  # of G + μI in inner_dtype: CG's preconditioner
+        self.preconditioner: CholeskySolver | NystromPreconditioner | None = None  # of CG on G + μI
         d = problem.n_params
-        if d <= settings.dense_max_params:
-            if KernelSolver.cheaper(problem.n_train * problem.n_outputs, d):
-                self.dense = KernelSolver(problem.gauss_newton_rows(), problem.n_train, mu)
-                return
-            if self.inner_dtype is not None:
-                G = problem.gauss_newton_matrix(dtype=self.inner_dtype)
+        if d > settings.dense_max_params:
+            if nystrom_rank > 0:
+                low = problem.lowered(self.inner_dtype) if self.inner_dtype is not None else problem
+                generator = torch.Generator().manual_seed(problem.seed)
                 try:
-                    self.factor = CholeskySolver(G + mu * torch.eye(d, dtype=G.dtype, device=G.device))
-                    return
+                    self.preconditioner = NystromPreconditioner(low.gnvp, d, nystrom_rank, mu, generator,
+                                                                products_dtype=low.dtype, device=problem.device)
                 except torch.linalg.LinAlgError:
-                    log.info("%s: G + μI (μ = %.3g) is not positive definite in %s; factorising it in %s",
-                             problem.task, mu, self.inner_dtype, problem.dtype)
-            G = problem.gauss_newton_matrix()
-            self.dense = CholeskySolver(G + mu * torch.eye(d, dtype=G.dtype, device=G.device))
+                    log.info("%s: the rank-%d Nyström approximation of G failed; CG unpreconditioned",
+                             problem.task, nystrom_rank)
+            return
+        if KernelSolver.cheaper(problem.n_train * problem.n_outputs, d):
+            self.dense = KernelSolver(problem.gauss_newton_rows(), problem.n_train, mu)
+            return
+        if self.inner_dtype is not None:
+            G = problem.gauss_newton_matrix(dtype=self.inner_dtype)
+            try:
+                self.preconditioner = CholeskySolver(G + mu * torch.eye(d, dtype=G.dtype, device=G.device))
+                return
+            except torch.linalg.LinAlgError:
+                log.info("%s: G + μI (μ = %.3g) is not positive definite in %s; factorising it in %s",
+                         problem.task, mu, self.inner_dtype, problem.dtype)
+        G = problem.gauss_newton_matrix()
+        self.dense = CholeskySolver(G + mu * torch.eye(d, dtype=G.dtype, device=G.device))
 
     @property
     def method(self) -> str:
-        """"dense" (Cholesky of G + μI), "kernel" (Woodbury on FFᵀ) or "cg"; with inner_dtype
-        "pcg (float32 factor)" or "refined cg (float32)"."""
+        """"dense" (Cholesky of G + μI), "kernel" (Woodbury on FFᵀ), "cg", or preconditioned CG:
+        "pcg (float32 factor)", "pcg (rank-ℓ Nyström, float32 products)"."""
         if self.dense is not None:
             return "kernel" if isinstance(self.dense, KernelSolver) else "dense"
-        low = str(self.inner_dtype).removeprefix("torch.")
-        if self.factor is not None:
+        low = str(self.inner_dtype or self.problem.dtype).removeprefix("torch.")
+        if isinstance(self.preconditioner, CholeskySolver):
             return f"pcg ({low} factor)"
-        return f"refined cg ({low})" if self.inner_dtype is not None else "cg"
+        if isinstance(self.preconditioner, NystromPreconditioner):
+            return f"pcg (rank-{self.preconditioner.U.shape[1]} Nyström, {low} products)"
+        return "cg"
 
     def matvec(self, X: Tensor) -> Tensor:
         if self.dense is not None:
@@ -120,46 +122,8 @@ class DampedGaussNewton:
         if self.dense is not None:
             return self.dense.solve_with_info(B)
         rtol = self.settings.linear_rtol if rtol is None else rtol
-        maxiter = self.settings.linear_maxiter
-        if self.factor is not None:
-            return batched_cg(self.matvec, B, rtol=rtol, maxiter=maxiter, precondition=self.factor.solve)
-        if self.inner_dtype is not None:
-            return self._refined_cg(B, rtol)
-        return batched_cg(self.matvec, B, rtol=rtol, maxiter=maxiter)
-
-    def _refined_cg(self, B: Tensor, rtol: float) -> tuple[Tensor, SolveInfo]:
-        """Iterative refinement: X ← X + E, E ≈ (G + μI)⁻¹ R by CG in inner_dtype to INNER_RTOL,
-        R = B − (G + μI) X from the problem's products, row by row until ‖R‖ ≤ rtol ‖B‖; rows that
-        stop improving (REFINE_FACTOR) finish by CG in the problem's dtype from their X."""
-        low = self.problem.lowered(self.inner_dtype)
-        low_matvec = lambda V: low.gnvp(V) + self.mu * V
-        bnorm = torch.linalg.vector_norm(B, dim=-1).clamp_min(torch.finfo(B.dtype).tiny)
-        X, R = torch.zeros_like(B), B.clone()
-        res = torch.ones(len(B), dtype=B.dtype, device=B.device)
-        todo = torch.arange(len(B), device=B.device)[torch.linalg.vector_norm(B, dim=-1) > 0]
-        iterations = 0
-        for _ in range(self.MAX_REFINEMENTS):
-            if not len(todo):
-                break
-            E, info = batched_cg(low_matvec, R[todo].to(self.inner_dtype), rtol=self.INNER_RTOL,
-                                 maxiter=self.settings.linear_maxiter, true_residual=False)
-            iterations += info.iterations
-            X[todo] += E.to(B.dtype)
-            R[todo] = B[todo] - self.matvec(X[todo])
-            new = torch.linalg.vector_norm(R[todo], dim=-1) / bnorm[todo]
-            improving = new * self.REFINE_FACTOR <= res[todo]
-            res[todo] = new
-            todo = todo[(new > rtol) & improving]
-        res = torch.where(torch.linalg.vector_norm(B, dim=-1) > 0, res, 0.0)
-        stuck = torch.arange(len(B), device=B.device)[res > rtol]
-        if len(stuck):
-            log.info("%s: %d of %d rows left refinement at a relative residual of %.2g; finishing them by CG in %s",
-                     self.problem.task, len(stuck), len(B), float(res[stuck].max()), self.problem.dtype)
-            Xs, info = batched_cg(self.matvec, B[stuck], rtol=rtol, maxiter=self.settings.linear_maxiter,
-                                  X0=X[stuck])
-            X[stuck], res[stuck] = Xs, info.relative_residual
-            iterations += info.iterations
-        return X, SolveInfo("refined cg", iterations, res, bool((res <= rtol * 10).all()))
+        precondition = self.preconditioner.solve if self.preconditioner is not None else None
+        return batched_cg(self.matvec, B, rtol=rtol, maxiter=self.settings.linear_maxiter, precondition=precondition)
 
 
 def linearized_pbrf(problem: Problem, removed: Tensor, curvature: DampedGaussNewton) -> tuple[Tensor, dict]:

@@ -86,8 +86,11 @@ def test_exact_is_damped_gauss_newton_solve(problem, exact):
     assert S.shape == (len(problem.query), len(REMOVED))
     assert rel_err(S, gq @ expected.T) < 1e-9
     # every path of the same estimator, the float32 ones certified by float64 residuals
-    for kwargs, path in (({"inner_dtype": None}, "dense"), ({"dense_max_params": 0}, "refined cg (float32)"),
-                         ({"dense_max_params": 0, "inner_dtype": None}, "cg")):
+    d = problem.n_params
+    for kwargs, path in (({"inner_dtype": None}, "dense"),
+                         ({"dense_max_params": 0}, f"pcg (rank-{d} Nyström, float32 products)"),
+                         ({"dense_max_params": 0, "nystrom_rank": 3}, "pcg (rank-3 Nyström, float32 products)"),
+                         ({"dense_max_params": 0, "nystrom_rank": 0}, "cg")):
         other = Exact(rtol=1e-13, **kwargs).fit(problem)
         assert other.solver_ == path
         assert rel_err(other.parameter_change(REMOVED), expected) < 1e-9
@@ -95,7 +98,7 @@ def test_exact_is_damped_gauss_newton_solve(problem, exact):
     C = problem.outputs(problem.train.inputs[:1]).numel()
     flops = problem.n_train * C * problem.n_params ** 2
     assert Exact(dense_max_flops=flops, inner_dtype=None).fit(problem).solver_ == "dense"
-    by_flops = Exact(dense_max_flops=flops - 1, rtol=1e-13, inner_dtype=None).fit(problem)
+    by_flops = Exact(dense_max_flops=flops - 1, rtol=1e-13, nystrom_rank=0).fit(problem)
     assert by_flops.solver_ == "cg" and rel_err(by_flops.parameter_change(REMOVED), delta) < 1e-9
     with pytest.raises(ValueError, match="inner_dtype='int8' is not a floating torch dtype"):
         Exact(inner_dtype="int8").fit(problem)

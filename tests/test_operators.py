@@ -630,13 +630,15 @@ def test_gnvp_over_training_rows_is_the_minibatch_product(mlp):
         conv.gnvp(V, batch=conv.train, rows=idx)
 
 
-@pytest.mark.parametrize("max_params", [16384, 0], ids=["float32-factor", "refinement"])
-def test_float32_inner_work_is_certified_in_float64(mlp, max_params, monkeypatch):
-    """DampedGaussNewton with inner_dtype=float32 (`exact`'s default) solves to the same rtol as
-    the all-float64 solve, its residual measured with float64 products: a float32 dense factor
-    preconditions float64 CG, or float32 CG refines a float64 residual. Float32 alone is far
-    from it (its residual above 1e-7). Rows that stop improving (REFINE_FACTOR) and a float32
-    factor that is not positive definite fall back to the problem's dtype, as accurate."""
+@pytest.mark.parametrize("max_params", [16384, 0], ids=["float32-factor", "nystrom"])
+def test_float32_preconditioners_keep_the_float64_certificate(mlp, max_params, monkeypatch):
+    """DampedGaussNewton with inner_dtype=float32 and a Nyström rank (`exact`'s defaults) solves
+    to the same rtol as the all-float64 solve, its residual measured with float64 products: a
+    float32 dense factor, or a rank-ℓ Nyström approximation from float32 products, only
+    preconditions float64 CG, which then takes fewer iterations than plain CG. Float32 alone
+    is far from that residual (above 1e-7). A float32 factor that is not positive definite
+    falls back to the float64 one; a Nyström approximation that fails, to plain CG."""
+    from benchmark.linalg import NystromPreconditioner
     from benchmark.responses import DampedGaussNewton, SolverSettings
     problem = mlp((8, 16, 16, 4), "tanh", n_train=150, train_steps=30)
     mu = 1e-3  # κ(G + μI) ≈ 5e3: float32 rounding matters
@@ -646,12 +648,16 @@ def test_float32_inner_work_is_certified_in_float64(mlp, max_params, monkeypatch
     expected = torch.linalg.solve(A, B.T).T
     float64_residual = lambda X: float(relative_residual(lambda V: problem.gnvp(V) + mu * V, X, B).max())
 
-    curvature = DampedGaussNewton(problem, mu, settings, torch.float32)
-    assert curvature.method == ("pcg (float32 factor)" if max_params else "refined cg (float32)")
+    curvature = DampedGaussNewton(problem, mu, settings, torch.float32, nystrom_rank=60)
+    assert curvature.method == ("pcg (float32 factor)" if max_params else "pcg (rank-60 Nyström, float32 products)")
     X, info = curvature.solve(B)
     assert X.dtype == torch.float64 and info.converged
     assert float64_residual(X) <= 1e-11 and float(info.relative_residual.max()) <= 1e-11
     assert rel_err(X, expected) < 1e-7
+    plain = DampedGaussNewton(problem, mu, SolverSettings(dense_max_params=0, linear_rtol=1e-12))
+    assert plain.method == "cg"
+    _, plain_info = plain.solve(B)
+    assert info.iterations * 2 < plain_info.iterations
     low = problem.lowered(torch.float32)
     alone, _ = batched_cg(lambda V: low.gnvp(V) + mu * V, B.float(), rtol=1e-12, maxiter=300)
     assert float64_residual(alone.double()) > 1e-7
@@ -662,11 +668,33 @@ def test_float32_inner_work_is_certified_in_float64(mlp, max_params, monkeypatch
                             else real(M))
         fallback = DampedGaussNewton(problem, mu, settings, torch.float32)
         assert fallback.method == "dense"
-    else:  # rows that stop improving: CG in float64 from where they are
-        monkeypatch.setattr(DampedGaussNewton, "REFINE_FACTOR", float("inf"))
-        fallback = DampedGaussNewton(problem, mu, settings, torch.float32)
+    else:  # a Nyström approximation that fails: plain CG
+        monkeypatch.setattr(torch.linalg, "cholesky",
+                            lambda M: (_ for _ in ()).throw(torch.linalg.LinAlgError("not positive definite")))
+        fallback = DampedGaussNewton(problem, mu, settings, torch.float32, nystrom_rank=60)
+        assert fallback.method == "cg"
     Xf, info = fallback.solve(B)
     assert info.converged and float64_residual(Xf) <= 1e-11 and rel_err(Xf, expected) < 1e-7
+
+
+def test_nystrom_preconditioner_is_the_inverse_on_its_range():
+    """With ℓ = d the Nyström approximation is A itself: M⁻¹ = (λ_d + μ)(A + μI)⁻¹; with ℓ
+    below d, M⁻¹ acts as (λ_ℓ + μ)(A + μI)⁻¹ on the top ℓ eigenvectors and as I on the rest."""
+    from benchmark.linalg import NystromPreconditioner
+    g = torch.Generator().manual_seed(0)
+    d, mu = 30, 0.1
+    Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    lam = torch.logspace(2, -3, d, dtype=torch.float64)
+    A = (Q * lam) @ Q.T
+    V = torch.randn(4, d, generator=g, dtype=torch.float64)
+    full = NystromPreconditioner(lambda X: X @ A, d, d, mu, g, products_dtype=torch.float64)
+    inverse = torch.linalg.inv(A + mu * torch.eye(d, dtype=torch.float64))
+    torch.testing.assert_close(full.solve(V), (lam[-1] + mu) * V @ inverse, rtol=1e-8, atol=1e-10)
+    A5 = (Q[:, :5] * lam[:5]) @ Q[:, :5].T  # rank 5: captured exactly by ℓ = 5
+    part = NystromPreconditioner(lambda X: X @ A5, d, 5, mu, g, products_dtype=torch.float64)
+    top, rest = Q[:, :5].T, Q[:, 5:].T
+    torch.testing.assert_close(part.solve(top), (lam[4] + mu) * top / (lam[:5, None] + mu), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(part.solve(rest), rest, rtol=1e-6, atol=1e-8)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

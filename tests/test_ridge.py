@@ -175,16 +175,16 @@ def test_sign_removing_raises_own_loss(ridge, path):
         assert float(lin[k] @ (r.X[m] * r.residual(m))) > 0
 
 
-#: Exact's four solve paths: (dense_max_params, inner_dtype) -> solver_
-EXACT_PATHS = {"pcg (float32 factor)": (16384, "float32"), "dense": (16384, None),
-               "refined cg (float32)": (0, "float32"), "cg": (0, None)}
+#: Exact's solve paths: (dense_max_params, inner_dtype, nystrom_rank) -> solver_
+EXACT_PATHS = {"pcg (float32 factor)": (16384, "float32", 400), "dense": (16384, None, 400),
+               "pcg (rank-3 Nyström, float32 products)": (0, "float32", 3), "cg": (0, None, 0)}
 
 
 @pytest.mark.parametrize("path", list(EXACT_PATHS))
 def test_exact_estimator_sign_and_value(ridge, path):
     r = ridge()
-    max_params, inner = EXACT_PATHS[path]
-    est = Exact(dense_max_params=max_params, rtol=1e-14, inner_dtype=inner).fit(r.problem)
+    max_params, inner, rank = EXACT_PATHS[path]
+    est = Exact(dense_max_params=max_params, rtol=1e-14, inner_dtype=inner, nystrom_rank=rank).fit(r.problem)
     assert est.solver_ == path
     delta = est.parameter_change(REMOVED)
     assert rel_err(delta, closed_linear(r, REMOVED)) < 1e-8
