@@ -555,17 +555,24 @@ def output_hessians(loss: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
     return vmap(torch.func.hessian(one))(outputs, targets).detach()
 
 
+#: eigh returns the exact null eigenvalue of a softmax Hessian as ±(a few)·C·eps·max eigenvalue,
+#: and how many depends on the CPU: up to 3.7 C·eps on an Intel Xeon where an AMD EPYC had one
+#: above C·eps, so that a cutoff of C·eps dropped the null column on one and kept it on the
+#: other (tests/test_operators.py). This margin makes the drop the same on both.
+NULL_CUTOFF = 1000
+
+
 def psd_sqrt(H: Tensor, drop_null: bool = False) -> Tensor:
     """R with H = R Rᵀ for a batch of symmetric PSD matrices (n, C, C) -> (n, C, C).
 
-    drop_null: leave out the columns whose eigenvalue is at most C·eps·max eigenvalue in every
-    matrix of the batch (the softmax Hessian's null direction 1) -> (n, C, r), r ≤ C; R Rᵀ
-    changes by at most that relative amount, below the rounding of any sum of such terms."""
+    drop_null: leave out the columns whose eigenvalue is at most NULL_CUTOFF·C·eps·max eigenvalue
+    in every matrix of the batch (the softmax Hessian's null direction 1) -> (n, C, r), r ≤ C;
+    R Rᵀ changes by at most that relative amount (7e-13 for C = 3)."""
     w, Q = torch.linalg.eigh(H)  # ascending eigenvalues
     R = Q * w.clamp_min(0).sqrt().unsqueeze(-2)
     if not drop_null:
         return R
-    cutoff = w.amax(-1, keepdim=True).clamp_min(0) * H.shape[-1] * torch.finfo(H.dtype).eps
+    cutoff = w.amax(-1, keepdim=True).clamp_min(0) * NULL_CUTOFF * H.shape[-1] * torch.finfo(H.dtype).eps
     return R[..., (w > cutoff).any(0).nonzero().flatten()]
 
 

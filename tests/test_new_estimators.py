@@ -250,7 +250,11 @@ def test_lissa_reruns_rows_that_a_sharp_minibatch_amplified(problem, monkeypatch
     full = 300 * 4 * len(idx)  # minibatch products if the unbounded rows had stayed in the recursion
     assert full - 300 * 4 * est.rows_rescaled_ < problem.counter.as_dict()["gnvp"] < full  # they left early
     assert torch.equal(x, torch.where(stable_first[:, None], first, second))
-    assert torch.equal(LiSSA(depth=300, batch_size=4, scale=0.76 * lam).fit(problem).parameter_change(idx[3:7]), x[3:7])
+    # the same minibatches for a subset of rows: equal up to the float32 products' rounding, which
+    # depends on how many vectors a product holds (2e-8 relative on an Intel Xeon, 0 on an AMD
+    # EPYC); another seed's minibatches are > 1e-3 away (test_lissa_float32_products_keep_...)
+    subset = LiSSA(depth=300, batch_size=4, scale=0.76 * lam).fit(problem).parameter_change(idx[3:7])
+    assert rel_err(subset, x[3:7]) < 1e-6
     calm = LiSSA(depth=300, batch_size=4, scale=2 * lam).fit(problem)
     assert torch.equal(calm.parameter_change(idx), calm._recursion(b, 2 * lam, 300)[0]) and calm.rows_rescaled_ == 0
     assert calm.solver_ == "recursion"
@@ -282,10 +286,11 @@ def test_lissa_full_batch_closed_form_through_the_kernel(monkeypatch):
     eigenbasis of the kernel FFᵀ/N (no d×d matrix): the same answer as the dense eigenbasis
     and as the recursion itself (depth 60: a visible truncation), to rounding."""
     from benchmark.linalg import KernelSolver
-    problem = mlp_problem(n_train=10, sizes=(4, 12, 3))  # N·C = 30 rows, d = 99
+    problem = mlp_problem(n_train=10, sizes=(4, 12, 3))  # d = 99
     idx = torch.tensor([0, 4, 9])
     kernel = LiSSA(depth=60, batch_size=problem.n_train).fit(problem)
-    assert kernel.kernel_ is not None and kernel.eigh_ is None and kernel.kernel_[0].shape == (30, 99)
+    # N·(C − 1) = 20 rows: each softmax Hessian's null direction left out (psd_sqrt)
+    assert kernel.kernel_ is not None and kernel.eigh_ is None and kernel.kernel_[0].shape == (20, 99)
     with monkeypatch.context() as m:
         m.setattr(KernelSolver, "cheaper", staticmethod(lambda rows, d: False))
         dense = LiSSA(depth=60, batch_size=problem.n_train).fit(problem)

@@ -368,6 +368,12 @@ def test_psd_sqrt_drops_only_the_null_directions():
     R = psd_sqrt(H, drop_null=True)
     assert R.shape == (6, 5, 4)
     torch.testing.assert_close(R @ R.transpose(1, 2), H, rtol=1e-12, atol=1e-15)
+    # the null eigenvalue as eigh returns it on some CPU (±a few C·eps·max): still dropped
+    ones = torch.full((5, 5), 0.2, dtype=torch.float64)  # the projector on 1/√5
+    top = torch.linalg.eigvalsh(H).amax(-1)[:, None, None]
+    for sign in (1, -1):
+        noisy = H + sign * 50 * 5 * torch.finfo(torch.float64).eps * top * ones
+        assert psd_sqrt(noisy, drop_null=True).shape == (6, 5, 4)
     M = torch.randn(6, 5, 5, dtype=torch.float64, generator=g)
     full = M @ M.transpose(1, 2)
     assert psd_sqrt(full, drop_null=True).shape == (6, 5, 5)
