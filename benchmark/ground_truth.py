@@ -179,10 +179,12 @@ def stacked_evaluations(problem: Problem, Delta: Tensor, eval_inputs: Tensor) ->
 #: GroundTruthConfig fields left out of the cache key while unset (keys from before they existed)
 _UNSET_IF_NONE = ("removed_chunk", "example_chunk", "n_second_solve")
 #: SolverSettings fields left out of the cache key while unset (likewise)
-_SOLVER_UNSET_IF_NONE = ("preconditioner_dtype", "gauss_newton_dtype")
+_SOLVER_UNSET_IF_NONE = ("preconditioner_dtype", "gauss_newton_dtype", "nystrom_rank")
 #: fields that change only the PBRF solve's path, so only the PBRF's key (and its second
 #: solve's, through "first") holds them: the other responses keep theirs
 _PBRF_ONLY = ("preconditioner_dtype", "gauss_newton_dtype")
+#: fields that steer the curvature solves only: the linearized response's and the PBRF's keys
+_CURVATURE_ONLY = ("nystrom_rank",)
 
 
 def status_counts(statuses: list[str]) -> dict[str, int]:
@@ -215,12 +217,16 @@ def n_second_solve(task: Task, scale: str) -> int:
 def response_fingerprint(task: Task, scale: str, response: str, settings: SolverSettings) -> dict:
     """What one response function's ground truth depends on (its cache key)."""
     def keyed(k: str, v, unset_if_none: tuple) -> bool:
-        return not (k in unset_if_none and v is None) and (response == "pbrf" or k not in _PBRF_ONLY)
+        if k in unset_if_none and v is None:
+            return False
+        if k in _PBRF_ONLY:
+            return response == "pbrf"
+        return response in ("linear", "pbrf") or k not in _CURVATURE_ONLY
 
     return {
         "model": task.fingerprint(scale),
         "ground_truth": {k: v for k, v in dataclasses.asdict(task.ground_truth_config(scale)).items()
-                         if keyed(k, v, _UNSET_IF_NONE + _PBRF_ONLY)},
+                         if keyed(k, v, _UNSET_IF_NONE + _PBRF_ONLY + _CURVATURE_ONLY)},
         "solver": {k: v for k, v in dataclasses.asdict(settings).items()
                    if keyed(k, v, _SOLVER_UNSET_IF_NONE)},
         "response": response,
@@ -245,7 +251,8 @@ def solver_settings(task: Task, scale: str) -> SolverSettings:
     cfg = task.ground_truth_config(scale)
     return SolverSettings(dense_max_params=cfg.dense_max_params, linear_rtol=cfg.linear_rtol,
                           pbrf_tol=cfg.pbrf_tol, pbrf_max_steps=cfg.pbrf_max_steps,
-                          preconditioner_dtype=cfg.preconditioner_dtype, gauss_newton_dtype=cfg.gauss_newton_dtype)
+                          preconditioner_dtype=cfg.preconditioner_dtype, gauss_newton_dtype=cfg.gauss_newton_dtype,
+                          nystrom_rank=cfg.nystrom_rank)
 
 
 class _LazyCurvature:
@@ -256,8 +263,11 @@ class _LazyCurvature:
 
     def __call__(self) -> DampedGaussNewton:
         if self.value is None:
-            p = self.problem
-            self.value = DampedGaussNewton(p, p.weight_decay + p.damping, self.settings)
+            p, rank = self.problem, self.settings.nystrom_rank or 0
+            # the Nyström approximation (CG only) from float32 products; the dense path as it was
+            low = torch.float32 if rank and p.n_params > self.settings.dense_max_params else None
+            self.value = DampedGaussNewton(p, p.weight_decay + p.damping, self.settings, inner_dtype=low,
+                                           nystrom_rank=rank)
         return self.value
 
 

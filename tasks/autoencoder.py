@@ -33,6 +33,18 @@ Scales (tables below):
          1e-2), 52.4 (wd 1e-3), 52.2 (wd 1e-4): all on the plateau; Adam lr 0.01 wd 1e-4 43.4.
          Widths 32-16-8, Adam lr 0.01: 40.8 (wd 1e-3), 42.2 (wd 3e-3); lr 0.03: 35.8 (wd 1e-3),
          39.1 (wd 3e-3), 40.8 (wd 5e-3, chosen: the mildest PBRF nonlinearity off the plateau).
+         Ground truth by CG preconditioned with a rank-400 Nyström approximation of G + μI
+         from float32 products (dense_max_params=0, nystrom_rank=400), not by the dense G:
+         forming G costs N·C·d² = 3.9e13 flops at C = 196 outputs, 1,449 s of the 1,510 s
+         ground truth committed before stop 25 (AMD EPYC) and 705 s here (Intel Xeon, one
+         thread beside another job). Measured here (`python /tmp/nysgt.py ae-mnist
+         dense|nys400 R`, the same base model): Nyström 3 s to build, linearized PBRF 18 s
+         (62 CG iterations), PBRF of the 40 rows 59 s; for the first 8 rows the dense path's
+         PBRF took 30.6 s after G, Nyström 27 s, and they agree to 2.3e-8 on the converged
+         rows (2.3e-5 on the one stopped at 20 steps), 2e-10 on the linearized PBRF. Two rows
+         (30 and 34) stall at relative gradient norms 1–2e-2 on either path with this base
+         model. A Woodbury update of the preconditioner for each removed example's own term
+         saved no inner iteration and doubled the PBRF's time (124 s).
   paper  9,000 images, the paper's widths (d = 2.8M), batch 1024, 1000 epochs, wd 1e-5, R = 20,
          Q = 40; removed examples solved 5 at a time, training examples vmapped 1024 at a time.
 """
@@ -65,7 +77,8 @@ _SCALES = {
               GroundTruthConfig(n_removed=4, n_query=4, n_eval=32, pbrf_max_steps=10)),
     "cpu": ({"n_train": 1000, "widths": (32, 16, 8), "pool": 2},
             Recipe("adam", epochs=200, batch_size=128, lr=0.03, weight_decay=5e-3, seed=0),
-            GroundTruthConfig(n_removed=40, n_query=40, n_eval=128, pbrf_max_steps=20)),
+            GroundTruthConfig(n_removed=40, n_query=40, n_eval=128, pbrf_max_steps=20, dense_max_params=0,
+                              nystrom_rank=400)),
     "paper": ({"n_train": 9000, "widths": (1000, 500, 250, 30)},
               Recipe("sgd", epochs=1000, batch_size=1024, lr=0.01, momentum=0.9, weight_decay=1e-5, seed=0),
               GroundTruthConfig(n_removed=20, n_query=40, n_eval=500, removed_chunk=5, example_chunk=1024)),

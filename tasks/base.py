@@ -80,7 +80,9 @@ class GroundTruthConfig:
     PBRF solve's preconditioner in this dtype ("float32"; None: the problem's), see
     benchmark.responses.SolverSettings; in the PBRF's key only, and only when set.
     gauss_newton_dtype: the Gauss–Newton products of the PBRF solve's inner CG in this dtype
-    ("float32"; None: the problem's), likewise (SolverSettings).
+    ("float32"; None: the problem's), likewise (SolverSettings). nystrom_rank: where d >
+    dense_max_params, CG (linearized response, PBRF inner solves) is preconditioned by a rank-ℓ
+    Nyström approximation of G (SolverSettings); in the keys only when set.
     """
 
     n_removed: int
@@ -95,6 +97,7 @@ class GroundTruthConfig:
     n_second_solve: int | None = None
     preconditioner_dtype: str | None = None
     gauss_newton_dtype: str | None = None
+    nystrom_rank: int | None = None
 
 
 @dataclass(frozen=True)

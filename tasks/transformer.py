@@ -35,7 +35,15 @@ Scales (tables below):
          float64 products; 16 converged, 4 stalled, 4 at 20 steps, 1 diverged: 24 trusted; the
          converged rows' scores equal the float64 solve's to 1e-8, the others within 0.8 %), the
          linearized PBRF 85 s, the second solve 52 s (7 of 8 within a median 1.5e-8, max
-         1.7e-2; ceiling 1.000).
+         1.7e-2; ceiling 1.000). Since stop 25 both CG solves are preconditioned by a rank-400
+         Nyström approximation of G + μI from float32 products (nystrom_rank; 12 s to build).
+         Measured on an Intel Xeon, one thread (`python /tmp/nysgt.py transformer-ptb
+         dense|nys400 25`, the base model the same): linearized PBRF 60 s (57 CG iterations)
+         → 12 s (9), PBRF 161 s (271 inner iterations) → 52 s (81); the converged rows equal
+         to 4.6e-8, the linearized PBRF to 4.1e-10, the unconverged rows within 1e-6–11 %
+         (stalled at relative gradient norms 0.2–0.8, where any two solves part). A Woodbury
+         update of the preconditioner for each removed example's own term (C = 512 columns a
+         row) saved no inner iteration and took the PBRF to 283 s.
          A larger one does not fit the hour of the cpu suite: 1,000 windows of 16 tokens,
          vocabulary 1,000 and hidden 64 (d = 230k, C = 16,000 a sequence, wd 1e-2) cost 0.91 s
          a removed example for a PBRF value + gradient and 1.65 s a Gauss–Newton product over N,
@@ -143,7 +151,8 @@ _SCALES = {
               GroundTruthConfig(n_removed=4, n_query=4, n_eval=16, pbrf_max_steps=10)),
     "cpu": ({"n_train": 256, "seq_len": 8, "vocab": 64, "hidden": 32, "heads": 2, "layers": 2},
             Recipe("adam", epochs=10, batch_size=32, lr=1e-3, weight_decay=0.1, seed=0),
-            GroundTruthConfig(n_removed=25, n_query=20, n_eval=32, pbrf_max_steps=20, gauss_newton_dtype="float32")),
+            GroundTruthConfig(n_removed=25, n_query=20, n_eval=32, pbrf_max_steps=20, gauss_newton_dtype="float32",
+                              nystrom_rank=400)),
     "paper": ({"n_train": None, "seq_len": 35, "vocab": None, "hidden": 256, "heads": 2, "layers": 2},
               Recipe("adam", epochs=10, batch_size=32, lr=1e-3, weight_decay=0.0, seed=0),
               GroundTruthConfig(n_removed=20, n_query=40, n_eval=8, removed_chunk=2, example_chunk=64)),

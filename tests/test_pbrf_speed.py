@@ -12,9 +12,9 @@ import dataclasses
 import pytest
 import torch
 
-from benchmark.ground_truth import response_fingerprint, solver_settings
+from benchmark.ground_truth import _LazyCurvature, response_fingerprint, solver_settings
 from benchmark.linalg import CholeskySolver
-from benchmark.responses import DampedGaussNewton, SolverSettings, pbrf
+from benchmark.responses import DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf
 from tasks import get_task
 
 REMOVED = torch.tensor([1, 6, 13])
@@ -41,6 +41,51 @@ def test_float32_inner_solve_gives_the_same_pbrf(mlp, field):
     assert ((Delta - reference).norm(dim=1) <= bound).all()
     assert ((Delta - reference).norm(dim=1) <= 1e-6 * reference.norm(dim=1)).all()
     assert (reference.norm(dim=1) > 0).all()
+
+
+def test_nystrom_preconditioned_cg_gives_the_same_ground_truth(mlp):
+    """nystrom_rank (the CG path, d > dense_max_params) preconditions the linearized response's
+    CG and the PBRF's inner CG by the Nyström approximation of G + μI from float32 products:
+    the same linearized response to its residual tolerance and the same PBRF minimiser within
+    the certificate's bound, in fewer than half the inner iterations of unpreconditioned CG."""
+    problem = mlp((5, 6, 4), "tanh", n_train=60, weight_decay=5e-2, train_steps=30)  # d = 64
+    plain = SolverSettings(pbrf_tol=1e-10, dense_max_params=0)
+    nystrom = dataclasses.replace(plain, nystrom_rank=32)
+    curvature, plain_curvature = _LazyCurvature(problem, nystrom)(), _LazyCurvature(problem, plain)()
+    assert curvature.method == "pcg (rank-32 Nyström, float32 products)" and plain_curvature.method == "cg"
+    X, info = linearized_pbrf(problem, REMOVED, curvature)
+    X_plain, plain_info = linearized_pbrf(problem, REMOVED, plain_curvature)
+    assert info["max_relative_residual"] <= 1e-10 and rel_diff(X, X_plain) < 1e-8
+    assert info["iterations"] < plain_info["iterations"] / 2
+    reference, ref_cert = pbrf(problem, REMOVED, plain_curvature)
+    Delta, cert = pbrf(problem, REMOVED, curvature)
+    assert ref_cert["preconditioner"] == "none"
+    assert cert["preconditioner"] == "Nyström approximation of G + μI (pcg (rank-32 Nyström, float32 products))"
+    assert all(ref_cert["converged"]) and all(cert["converged"]), (ref_cert, cert)
+    assert cert["inner_iterations"] < ref_cert["inner_iterations"] / 2
+    mu = problem.weight_decay + problem.damping
+    scale = problem.epsilon * problem.train_gradients(REMOVED).norm(dim=1)
+    bound = (torch.tensor(cert["relative_gradient_norm"]) + torch.tensor(ref_cert["relative_gradient_norm"])) \
+        * scale / mu  # as in test_float32_inner_solve_gives_the_same_pbrf
+    assert ((Delta - reference).norm(dim=1) <= bound).all() and rel_diff(Delta, reference) < 1e-6
+
+
+def test_nystrom_rank_keys_the_linear_and_pbrf_responses():
+    """nystrom_rank unset stays out of every key; set (ae-mnist at cpu), it keys the linearized
+    response and the PBRF, whose solves it steers, and not the retrainings."""
+    task = get_task("ae-mnist")
+    settings = solver_settings(task, "cpu")
+    assert settings.nystrom_rank == 400 and settings.dense_max_params < 14124  # tasks/autoencoder.py
+    for response in ("linear", "pbrf"):
+        assert response_fingerprint(task, "cpu", response, settings)["solver"]["nystrom_rank"] == 400
+        assert "nystrom_rank" not in response_fingerprint(task, "smoke", response, solver_settings(task, "smoke"))["solver"]
+    unset = dataclasses.replace(settings, nystrom_rank=None)
+    assert response_fingerprint(task, "cpu", "cold", settings)["solver"] == \
+        response_fingerprint(task, "cpu", "cold", unset)["solver"]
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
 
 
 def test_lowered_problem_products_are_rounded_float64_ones(mlp):
