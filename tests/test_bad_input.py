@@ -98,12 +98,12 @@ def test_cli_unknown_task_is_usage_error(tmp_path):
 
 
 def test_default_tasks_per_scale(tmp_path):
-    """Without --task, each scale runs the tasks meant for it: at cpu scale not the autoencoder
-    and the CNNs (hours there), and the header says so; --task still runs one."""
+    """Without --task, each scale runs the tasks meant for it: at cpu scale not the CNNs (hours
+    there), and the header says so; --task still runs one."""
     from tasks import TASKS, default_tasks
     cpu = default_tasks("cpu")
     assert cpu == ["lr-cancer", "lr-diabetes", "mlp-concrete", "mlp-energy", "mlp-mnist", "mlp-fashion",
-                   "transformer-ptb"]
+                   "ae-mnist", "transformer-ptb"]
     assert default_tasks("smoke") == default_tasks("paper") == list(TASKS)
     proc = _run_benchmark_cli(tmp_path, "--collect-only", "-v", "--estimator", "exact", scale="cpu")  # -v: header
     out = proc.stdout + proc.stderr
