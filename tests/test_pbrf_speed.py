@@ -71,17 +71,20 @@ def test_nystrom_preconditioned_cg_gives_the_same_ground_truth(mlp):
 
 
 def test_nystrom_rank_keys_the_linear_and_pbrf_responses():
-    """nystrom_rank unset stays out of every key; set (ae-mnist at cpu), it keys the linearized
+    """nystrom_rank unset stays out of every key; set (ae-mnist), it keys the linearized
     response and the PBRF, whose solves it steers, and not the retrainings."""
-    task = get_task("ae-mnist")
+    task, mlp_task = get_task("ae-mnist"), get_task("mlp-mnist")
     settings = solver_settings(task, "cpu")
     assert settings.nystrom_rank == 400 and settings.dense_max_params < 14124  # tasks/autoencoder.py
     for response in ("linear", "pbrf"):
         assert response_fingerprint(task, "cpu", response, settings)["solver"]["nystrom_rank"] == 400
-        assert "nystrom_rank" not in response_fingerprint(task, "smoke", response, solver_settings(task, "smoke"))["solver"]
+        assert response_fingerprint(task, "cpu", response, settings)["ground_truth"]["nystrom_rank"] == 400
+        unset = response_fingerprint(mlp_task, "cpu", response, solver_settings(mlp_task, "cpu"))
+        assert "nystrom_rank" not in unset["solver"] and "nystrom_rank" not in unset["ground_truth"]
     unset = dataclasses.replace(settings, nystrom_rank=None)
     assert response_fingerprint(task, "cpu", "cold", settings)["solver"] == \
         response_fingerprint(task, "cpu", "cold", unset)["solver"]
+    assert "nystrom_rank" not in response_fingerprint(task, "cpu", "cold", settings)["ground_truth"]
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
