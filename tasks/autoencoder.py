@@ -25,9 +25,9 @@ Scales (tables below):
          Nyström-preconditioned CG as at cpu (below): PBRF 73.4 → 2.0 s, the task's 4 rows and
          decomposition 82.9 → 11.6 s from a cold cache (one thread, side by side), Pearson
          equal to 1.2e-8, scores within 1.2e-6 (the two rows stopped at 10 steps).
-  cpu    1,000 images 2×2 average-pooled (196 pixels), widths 32-16-8 (d = 14,124: the dense,
-         preconditioned ground truth), Adam (lr 0.03) for 200 epochs of batch 128, wd 5e-3
-         (ε/(wd+λ) = 0.17, as for the cpu CNNs), R = Q = 40. Why, measured (one thread, the
+  cpu    1,000 images 2×2 average-pooled (196 pixels), widths 32-16-8 (d = 14,124), Adam
+         (lr 0.03) for 200 epochs of batch 128, wd 5e-3 (ε/(wd+λ) = 0.17, as for the cpu
+         CNNs), R = Q = 40. Why, measured (one thread, the
          1,000 pooled images, full-batch objective after 200 epochs; the mean-image
          reconstruction, the plateau, scores 52.2 per image): the old recipe (SGD, momentum 0.9,
          lr 0.01, 784 pixels, widths 64-32-16-8, d = 107k) stayed on the plateau (train loss 206
@@ -40,8 +40,9 @@ Scales (tables below):
          from float32 products (dense_max_params=0, nystrom_rank=400), not by the dense G:
          forming G costs N·C·d² = 3.9e13 flops at C = 196 outputs, 1,449 s of the 1,510 s
          ground truth committed before stop 25 (AMD EPYC) and 705 s here (Intel Xeon, one
-         thread beside another job). Measured here (`python /tmp/nysgt.py ae-mnist
-         dense|nys400 R`, the same base model): Nyström 3 s to build, linearized PBRF 18 s
+         thread beside another job). Measured here (`linearized_pbrf` and `pbrf` of
+         benchmark.responses on one cached base model, this config against dense_max_params
+         16,384 without nystrom_rank): Nyström 3 s to build, linearized PBRF 18 s
          (62 CG iterations), PBRF of the 40 rows 59 s; for the first 8 rows the dense path's
          PBRF took 30.6 s after G, Nyström 27 s, and they agree to 2.3e-8 on the converged
          rows (2.3e-5 on the one stopped at 20 steps), 2e-10 on the linearized PBRF. Two rows

@@ -37,8 +37,8 @@ Scales (tables below):
          linearized PBRF 85 s, the second solve 52 s (7 of 8 within a median 1.5e-8, max
          1.7e-2; ceiling 1.000). Since stop 25 both CG solves are preconditioned by a rank-400
          Nyström approximation of G + μI from float32 products (nystrom_rank; 12 s to build).
-         Measured on an Intel Xeon, one thread (`python /tmp/nysgt.py transformer-ptb
-         dense|nys400 25`, the base model the same): linearized PBRF 60 s (57 CG iterations)
+         Measured on an Intel Xeon, one thread (`linearized_pbrf` and `pbrf` on one cached
+         base model, with and without nystrom_rank): linearized PBRF 60 s (57 CG iterations)
          → 12 s (9), PBRF 161 s (271 inner iterations) → 52 s (81); the converged rows equal
          to 4.6e-8, the linearized PBRF to 4.1e-10, the unconverged rows within 1e-6–11 %
          (stalled at relative gradient norms 0.2–0.8, where any two solves part). A Woodbury
