@@ -25,7 +25,8 @@ Transformer the Nyström one.
 Measured one thread on an idle machine at `cpu` (40 removed examples, 25 on the Transformer):
 resnet20-mnist (d = 9,811) G 21 → 13 s in float32 (from the kept float64 Jacobians, 11–17 s
 either way), its Cholesky factor 13.8 → 7.8 s, then 4 float64 CG iterations (2.7 s) to 9e-11.
-Plain CG against Nyström-preconditioned CG (python /tmp/nys.py TASK RANK): mlp-mnist 163
+Plain CG against Nyström-preconditioned CG (DampedGaussNewton.solve to 1e-10 with nystrom_rank 0
+and RANK, float32 products): mlp-mnist 163
 iterations (19.9 s) against 28 at rank 300 (4.2 s + 0.9 s to build); ae-mnist 364 (about 156 s)
 against 74 at rank 300 (32.4 + 2.0 s) and 48 at 600 (21.2 + 4.3 s); transformer-ptb 57 against
 11 at 300 (20.8 + 9.3 s) and 8 at 600 (16.5 + 20.0 s): 400 sits between the two.
