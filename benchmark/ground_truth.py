@@ -29,7 +29,7 @@ from tasks.base import Recipe, Task
 from . import retraining, second_solve, training
 from .cache import Cache, content_key
 from .problem import Batch, FunctionalModel, Problem
-from .responses import (DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf,
+from .responses import (DampedGaussNewton, SolverSettings, ground_truth_curvature, linearized_pbrf, pbrf,
                         pbrf_epochs)
 from .second_solve import SecondSolveSettings, disagreement, second_pbrf
 from .training import Checkpoint, train, training_checkpoints
@@ -263,11 +263,7 @@ class _LazyCurvature:
 
     def __call__(self) -> DampedGaussNewton:
         if self.value is None:
-            p, rank = self.problem, self.settings.nystrom_rank or 0
-            # the Nyström approximation (CG only) from float32 products; the dense path as it was
-            low = torch.float32 if rank and p.n_params > self.settings.dense_max_params else None
-            self.value = DampedGaussNewton(p, p.weight_decay + p.damping, self.settings, inner_dtype=low,
-                                           nystrom_rank=rank)
+            self.value = ground_truth_curvature(self.problem, self.settings)
         return self.value
 
 

@@ -34,7 +34,7 @@ from tasks.data import default_data_root
 from .cache import Cache
 from .ground_truth import build_problem, seeded_choice, solver_settings
 from .problem import Problem
-from .responses import DampedGaussNewton, pbrf
+from .responses import ground_truth_curvature, pbrf
 from .training import show_progress
 
 FORWARDS_PER_EVALUATION = {"forward": 1, "gradient": 3, "gnvp": 5, "hvp": 7}  # per example and vector
@@ -110,7 +110,7 @@ def run(task_name: str, scale: str, n_removed: int | None, data_root: Path, cach
         if dtype is not None:  # "float64": the problem's own dtype, no lowered copy
             settings = dataclasses.replace(settings, **{field: None if dtype == "float64" else dtype})
     start = time.perf_counter()
-    curvature = DampedGaussNewton(problem, problem.weight_decay + problem.damping, settings)
+    curvature = ground_truth_curvature(problem, settings)
     result["curvature_setup_seconds"] = time.perf_counter() - start
     result["curvature_method"] = curvature.method
     for field in ("preconditioner_dtype", "gauss_newton_dtype"):

@@ -67,18 +67,18 @@ class DampedGaussNewton:
     row still stops at ‖bᵣ − (G + μI) xᵣ‖ ≤ rtol ‖bᵣ‖ measured with the problem's own products.
     inner_dtype (None: the problem's dtype) forms the dense G and its Cholesky factor in a
     cheaper dtype (float32), which then preconditions CG on the problem's products (`pcg`: a few
-    iterations). nystrom_rank = ℓ > 0 preconditions the CG path by a rank-ℓ randomized Nyström
-    approximation of G (linalg.NystromPreconditioner) built from ℓ products in inner_dtype.
-    `exact` uses both; the ground truth's linearized response neither (its cache keys stay).
+    iterations). settings.nystrom_rank = ℓ > 0 preconditions the CG path by a rank-ℓ randomized
+    Nyström approximation of G (linalg.NystromPreconditioner) built from ℓ products in
+    inner_dtype. `exact` uses both; the ground truth (ground_truth_curvature) the Nyström one
+    only, where its task sets it.
     """
 
-    def __init__(self, problem: Problem, mu: float, settings: SolverSettings, inner_dtype: torch.dtype | None = None,
-                 nystrom_rank: int = 0):
+    def __init__(self, problem: Problem, mu: float, settings: SolverSettings, inner_dtype: torch.dtype | None = None):
         self.problem, self.mu, self.settings = problem, mu, settings
         self.inner_dtype = inner_dtype if inner_dtype not in (None, problem.dtype) else None
         self.dense: CholeskySolver | KernelSolver | None = None
         self.preconditioner: CholeskySolver | NystromPreconditioner | None = None  # of CG on G + μI
-        d = problem.n_params
+        d, nystrom_rank = problem.n_params, settings.nystrom_rank or 0
         if d > settings.dense_max_params:
             if nystrom_rank > 0:
                 low = problem.lowered(self.inner_dtype) if self.inner_dtype is not None else problem
@@ -129,6 +129,15 @@ class DampedGaussNewton:
         rtol = self.settings.linear_rtol if rtol is None else rtol
         precondition = self.preconditioner.solve if self.preconditioner is not None else None
         return batched_cg(self.matvec, B, rtol=rtol, maxiter=self.settings.linear_maxiter, precondition=precondition)
+
+
+def ground_truth_curvature(problem: Problem, settings: SolverSettings) -> DampedGaussNewton:
+    """The solver of (G + μI) X = B, μ = wd + λ, behind the ground truth's linearized response and
+    PBRF: its Nyström preconditioner (settings.nystrom_rank, CG path only) from float32
+    products; the dense path in the problem's dtype."""
+    cg = problem.n_params > settings.dense_max_params
+    low = torch.float32 if settings.nystrom_rank and cg else None
+    return DampedGaussNewton(problem, problem.weight_decay + problem.damping, settings, inner_dtype=low)
 
 
 def linearized_pbrf(problem: Problem, removed: Tensor, curvature: DampedGaussNewton) -> tuple[Tensor, dict]:

@@ -56,10 +56,10 @@ class Exact(ParameterEstimator):
 
     def fit(self, problem: Problem) -> "Exact":
         max_params = self.dense_max_params if dense_gauss_newton_flops(problem) <= self.dense_max_flops else 0
-        settings = SolverSettings(dense_max_params=max_params, linear_rtol=self.rtol)
+        settings = SolverSettings(dense_max_params=max_params, linear_rtol=self.rtol,
+                                  nystrom_rank=int(self.nystrom_rank))
         inner = dtype_option(self.inner_dtype, "exact", "inner_dtype", problem.dtype)
-        self.curvature_ = DampedGaussNewton(problem, effective_damping(problem, self.damping), settings, inner,
-                                            int(self.nystrom_rank))
+        self.curvature_ = DampedGaussNewton(problem, effective_damping(problem, self.damping), settings, inner)
         self.solver_ = self.curvature_.method
         self.problem_ = problem
         return self

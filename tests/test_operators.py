@@ -648,13 +648,13 @@ def test_float32_preconditioners_keep_the_float64_certificate(mlp, max_params, m
     from benchmark.responses import DampedGaussNewton, SolverSettings
     problem = mlp((8, 16, 16, 4), "tanh", n_train=150, train_steps=30)
     mu = 1e-3  # κ(G + μI) ≈ 5e3: float32 rounding matters
-    settings = SolverSettings(dense_max_params=max_params, linear_rtol=1e-12)
+    settings = SolverSettings(dense_max_params=max_params, linear_rtol=1e-12, nystrom_rank=60)
     B = problem.epsilon * problem.train_gradients(torch.arange(6))
     A = problem.gauss_newton_matrix() + mu * torch.eye(problem.n_params, dtype=torch.float64)
     expected = torch.linalg.solve(A, B.T).T
     float64_residual = lambda X: float(relative_residual(lambda V: problem.gnvp(V) + mu * V, X, B).max())
 
-    curvature = DampedGaussNewton(problem, mu, settings, torch.float32, nystrom_rank=60)
+    curvature = DampedGaussNewton(problem, mu, settings, torch.float32)
     assert curvature.method == ("pcg (float32 factor)" if max_params else "pcg (rank-60 Nyström, float32 products)")
     X, info = curvature.solve(B)
     assert X.dtype == torch.float64 and info.converged
@@ -677,7 +677,7 @@ def test_float32_preconditioners_keep_the_float64_certificate(mlp, max_params, m
     else:  # a Nyström approximation that fails: plain CG
         monkeypatch.setattr(torch.linalg, "cholesky",
                             lambda M: (_ for _ in ()).throw(torch.linalg.LinAlgError("not positive definite")))
-        fallback = DampedGaussNewton(problem, mu, settings, torch.float32, nystrom_rank=60)
+        fallback = DampedGaussNewton(problem, mu, settings, torch.float32)
         assert fallback.method == "cg"
     Xf, info = fallback.solve(B)
     assert info.converged and float64_residual(Xf) <= 1e-11 and rel_err(Xf, expected) < 1e-7

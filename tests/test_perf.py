@@ -47,3 +47,12 @@ def test_perf_run_end_to_end(tmp_path):
                  *result["operators"]["fraction_of_matmul_floor"].values()]
     assert all(0 < f <= 1 for f in fractions), fractions
     assert set(result["batched_evaluations_per_removed"]) >= {"gradient", "gnvp"}
+
+
+@pytest.mark.skipif(not (default_data_root() / "mnist").exists(), reason="MNIST not staged (.ci/setup stages it)")
+def test_perf_measures_the_ground_truths_own_solver(tmp_path):
+    """perf (and cost) build the curvature solver the ground truth uses: for ae-mnist its
+    Nyström-preconditioned CG (GroundTruthConfig.nystrom_rank), not the dense G it replaced."""
+    torch.set_num_threads(1)
+    result = perf.run("ae-mnist", "smoke", 1, default_data_root(), tmp_path, "cpu", repeats=1, operators_only=True)
+    assert result["curvature_method"] == "pcg (rank-400 Nyström, float32 products)"
