@@ -419,7 +419,7 @@ def test_cold_retraining_of_a_batch_norm_net_repeats_its_base_training(tmp_path)
     from benchmark.cache import Cache
     from benchmark.ground_truth import build_problem
     from benchmark.training import train_mode_minibatch
-    from tests.test_models import _TinyBNTask
+    from test_models import _TinyBNTask  # tests/ is on sys.path (pytest prepends it); the repo root is not under `pytest`
     task = _TinyBNTask()
     problem = build_problem(task, "smoke", tmp_path, Cache(tmp_path))
     recipe = task.recipe("smoke")
