@@ -177,7 +177,7 @@ def stacked_evaluations(problem: Problem, Delta: Tensor, eval_inputs: Tensor) ->
 
 
 #: GroundTruthConfig fields left out of the cache key while unset (keys from before they existed)
-_UNSET_IF_NONE = ("removed_chunk", "example_chunk", "n_second_solve")
+_UNSET_IF_NONE = ("removed_chunk", "example_chunk", "n_second_solve", "second_solve_preconditioned")
 #: SolverSettings fields left out of the cache key while unset (likewise)
 _SOLVER_UNSET_IF_NONE = ("preconditioner_dtype", "gauss_newton_dtype", "nystrom_rank")
 #: fields that change only the PBRF solve's path, so only the PBRF's key (and its second
@@ -185,6 +185,8 @@ _SOLVER_UNSET_IF_NONE = ("preconditioner_dtype", "gauss_newton_dtype", "nystrom_
 _PBRF_ONLY = ("preconditioner_dtype", "gauss_newton_dtype")
 #: fields that steer the curvature solves only: the linearized response's and the PBRF's keys
 _CURVATURE_ONLY = ("nystrom_rank",)
+#: fields that steer the second solve only: its key alone
+_SECOND_SOLVE_ONLY = ("second_solve_preconditioned",)
 
 
 def status_counts(statuses: list[str]) -> dict[str, int]:
@@ -221,6 +223,8 @@ def response_fingerprint(task: Task, scale: str, response: str, settings: Solver
             return False
         if k in _PBRF_ONLY:
             return response == "pbrf"
+        if k in _SECOND_SOLVE_ONLY:
+            return response == SECOND_SOLVE
         return response in ("linear", "pbrf") or k not in _CURVATURE_ONLY
 
     return {
@@ -240,7 +244,8 @@ def response_fingerprint(task: Task, scale: str, response: str, settings: Solver
            else {}),
         **({"pbrf_epochs": {"second_runs": n_second_solve(task, scale), "stable_fraction": training.STABLE_FRACTION}}
            if response == PBRF_EPOCHS else {}),
-        **({"second_solve": {"n": n_second_solve(task, scale), "settings": dataclasses.asdict(SECOND_SOLVE_SETTINGS),
+        **({"second_solve": {"n": n_second_solve(task, scale),
+                             "settings": dataclasses.asdict(second_solve_settings(task, scale)),
                              "version": second_solve.VERSION,
                              "first": content_key(response_fingerprint(task, scale, "pbrf", settings))}}
            if response == SECOND_SOLVE else {}),
@@ -367,10 +372,31 @@ def error_bar(summary: dict, removed, method: str, certificate: dict) -> dict:
             "status_counts": status_counts(certificate["status"]), "seconds": certificate["seconds"]}
 
 
+def second_solve_settings(task: Task, scale: str) -> SecondSolveSettings:
+    """The second solve's L-BFGS settings: second_solve.PRECONDITIONED where the task asks for
+    H₀ = (G + μI)⁻¹ (GroundTruthConfig.second_solve_preconditioned), else SECOND_SOLVE_SETTINGS."""
+    return second_solve.PRECONDITIONED if task.ground_truth_config(scale).second_solve_preconditioned \
+        else SECOND_SOLVE_SETTINGS
+
+
+def second_solve_preconditioner(task: Task, scale: str, curvature: _LazyCurvature) -> Callable[[Tensor], Tensor] | None:
+    """(G + μI)⁻¹ from the ground truth's own solver where the task asks for a preconditioned
+    second solve (GroundTruthConfig.second_solve_preconditioned), else None."""
+    if not task.ground_truth_config(scale).second_solve_preconditioned:
+        return None
+    solve = curvature().approximate_solve()
+    if solve is None:
+        raise ValueError(f"{task.name} at {scale}: second_solve_preconditioned needs a dense Gauss–Newton solve "
+                         f"(d ≤ dense_max_params) or nystrom_rank; set one of them, or unset it")
+    return solve
+
+
 def compute_second_solve(problem: Problem, removed: Tensor, eval_idx: Tensor, first: dict, k: int, seed: int,
-                         tol: float, settings: SecondSolveSettings = SECOND_SOLVE_SETTINGS) -> dict:
+                         tol: float, settings: SecondSolveSettings = SECOND_SOLVE_SETTINGS,
+                         precondition: Callable[[Tensor], Tensor] | None = None) -> dict:
     """The PBRF of K = min(R, k) seeded removed examples solved again (benchmark.second_solve) and
     compared with the first solve `first` (the "pbrf" response: scores (Q, R), certificate).
+    precondition: (G + μI)⁻¹ for L-BFGS's H₀ (second_solve.second_pbrf).
 
     Returns {"positions": (K,) indices into `removed`, "removed": (K,) training indices,
     "scores": (Q, K), "outputs": (K, n_eval, C), "certificate": the second solve's,
@@ -378,7 +404,7 @@ def compute_second_solve(problem: Problem, removed: Tensor, eval_idx: Tensor, fi
     start = time.perf_counter()
     positions = seeded_choice(len(removed), k, seed)
     subset = removed[positions.to(removed.device)]
-    Delta, certificate = second_pbrf(problem, subset, tol, settings)
+    Delta, certificate = second_pbrf(problem, subset, tol, settings, precondition)
     scores, outputs = stacked_evaluations(problem, Delta, problem.train.inputs[eval_idx])
     bad_first, bad_second = untrusted_rows(first["certificate"]), untrusted_rows(certificate)
     trusted = ~bad_second & (~bad_first[positions.numpy()] if bad_first.size else True)
@@ -404,7 +430,8 @@ def load_ground_truth(task: Task, scale: str, problem: Problem, cache: Cache,
     def compute(name: str) -> dict:
         if name == SECOND_SOLVE:
             return compute_second_solve(problem, removed, eval_idx, load("pbrf")[0], n_second_solve(task, scale),
-                                        seed + 4, settings.pbrf_tol)
+                                        seed + 4, settings.pbrf_tol, second_solve_settings(task, scale),
+                                        second_solve_preconditioner(task, scale, curvature))
         return compute_response(problem, name, removed, eval_idx, curvature, recipe, runs, cfg.removed_chunk,
                                 second_runs=n_second_solve(task, scale))
 

@@ -14,6 +14,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -116,6 +117,13 @@ class DampedGaussNewton:
         if isinstance(self.preconditioner, NystromPreconditioner):
             return f"pcg (rank-{self.preconditioner.U.shape[1]} Nyström, {low} products)"
         return "cg"
+
+    def approximate_solve(self) -> Callable[[Tensor], Tensor] | None:
+        """B (k, d) -> (G + μI)⁻¹ B without CG: the dense solve where there is one, else CG's
+        preconditioner (approximate); None where neither exists."""
+        if self.dense is not None:
+            return self.dense.solve
+        return self.preconditioner.solve if self.preconditioner is not None else None
 
     def matvec(self, X: Tensor) -> Tensor:
         if self.dense is not None:

@@ -83,6 +83,10 @@ class GroundTruthConfig:
     ("float32"; None: the problem's), likewise (SolverSettings). nystrom_rank: where d >
     dense_max_params, CG (linearized response, PBRF inner solves) is preconditioned by a rank-ℓ
     Nyström approximation of G (SolverSettings); in the keys only when set.
+    second_solve_preconditioned: the second solve's L-BFGS starts each iteration's inverse-Hessian
+    model from (G + μI)⁻¹ at θˢ (the ground truth's own solver: dense, or its Nyström
+    preconditioner) instead of a multiple of I (benchmark.second_solve); in the second solve's
+    key only, and only when set.
     """
 
     n_removed: int
@@ -98,6 +102,7 @@ class GroundTruthConfig:
     preconditioner_dtype: str | None = None
     gauss_newton_dtype: str | None = None
     nystrom_rank: int | None = None
+    second_solve_preconditioned: bool | None = None
 
 
 @dataclass(frozen=True)

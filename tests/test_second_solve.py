@@ -23,7 +23,7 @@ from benchmark.cache import Cache
 from benchmark.ground_truth import SECOND_SOLVE, _LazyCurvature, compute_response, compute_second_solve
 from benchmark.responses import DampedGaussNewton, SolverSettings, pbrf
 from benchmark.runner import ground_truth_summary
-from benchmark.second_solve import SecondSolveSettings, disagreement, error_bar_text, second_pbrf, tie_margin
+from benchmark.second_solve import PRECONDITIONED, SecondSolveSettings, disagreement, error_bar_text, second_pbrf, tie_margin
 from estimators.checks import linear_problem, mlp_problem, removed_examples
 from tasks.base import GroundTruthConfig, Recipe, ScaleConfig, Splits, Task
 
@@ -53,6 +53,21 @@ def test_least_squares_matches_the_closed_form_and_the_first_solve():
     assert cert["start_max_relative_residual"] < 1e-6 and min(cert["iterations"]) > 1
     first, _ = pbrf(p, removed, DampedGaussNewton(p, p.weight_decay + p.damping, SolverSettings()))
     assert rel(Delta, first) < 1e-8
+
+
+def test_preconditioned_least_squares_converges_in_a_few_iterations():
+    """H₀ = (A + μI)⁻¹ on a quadratic whose Hessian is A + μI − ε xₘxₘᵀ (a rank-one change):
+    L-BFGS reaches the closed form in a few iterations, where H₀ = γI needs many more."""
+    lp = linear_problem(n_train=60, weight_decay=0.05)
+    p = lp.problem
+    removed = torch.tensor([3, 17, 42, 59])
+    solve = DampedGaussNewton(p, p.weight_decay + p.damping, SolverSettings()).approximate_solve()
+    plain, plain_cert = second_pbrf(p, removed, TOL)
+    Delta, cert = second_pbrf(p, removed, TOL, precondition=solve)
+    closed = torch.stack([closed_form_pbrf(lp, m) for m in removed.tolist()])
+    assert cert["status"] == ["converged"] * 4 and "(G + μI)⁻¹" in cert["method"]
+    assert float(((Delta - closed).norm(dim=1) / closed.norm(dim=1)).max()) < 1e-8
+    assert max(cert["iterations"]) <= 3 < min(plain_cert["iterations"])
 
 
 def test_linear_start_is_not_the_answer():
@@ -95,6 +110,18 @@ def test_two_solves_agree_on_a_smooth_mlp(mlp):
     assert rel.max() == s["max_relative_error"] == rel[~both].max() < 1e-3
 
 
+def test_preconditioned_second_solve_finds_the_same_minimiser_with_fewer_evaluations(mlp):
+    """H₀ = (G + μI)⁻¹ changes L-BFGS's path, not the point its certificate accepts."""
+    problem, removed, first, check = mlp
+    subset = check["removed"]
+    curvature = DampedGaussNewton(problem, problem.weight_decay + problem.damping, SolverSettings())
+    plain, plain_cert = second_pbrf(problem, subset, TOL)
+    Delta, cert = second_pbrf(problem, subset, TOL, PRECONDITIONED, precondition=curvature.approximate_solve())
+    assert cert["status"] == plain_cert["status"] == ["converged"] * 4
+    assert float(((Delta - plain).norm(dim=1) / plain.norm(dim=1)).max()) < 1e-6
+    assert sum(cert["evaluations"]) < 0.5 * sum(plain_cert["evaluations"])
+
+
 def test_a_perturbed_first_solve_shows_up(mlp):
     problem, removed, first, check = mlp
     positions = check["positions"].numpy()
@@ -121,13 +148,14 @@ class _TanhTask(Task):
     name = "tiny-tanh"
     version = 1
 
-    def __init__(self, n_second_solve=None):
-        self.n_second_solve = n_second_solve
+    def __init__(self, n_second_solve=None, **ground_truth):
+        self.n_second_solve, self.ground_truth_options = n_second_solve, ground_truth
 
     def config(self, scale):
         return ScaleConfig(recipe=Recipe("lbfgs", epochs=40, weight_decay=0.05, seed=0),
                            ground_truth=GroundTruthConfig(n_removed=6, n_query=4, n_eval=8,
-                                                          n_second_solve=self.n_second_solve))
+                                                          n_second_solve=self.n_second_solve,
+                                                          **self.ground_truth_options))
 
     def data(self, scale, data_root):
         g = torch.Generator().manual_seed(0)
@@ -172,6 +200,27 @@ def test_cache_keys():
     assert check["second_solve"]["n"] == 4 and check["second_solve"]["first"] == gt_mod.content_key(fp)
     other = gt_mod.response_fingerprint(_TanhTask(2), "smoke", SECOND_SOLVE, settings)
     assert other["second_solve"]["n"] == 2 and gt_mod.content_key(other) != gt_mod.content_key(check)
+    # a preconditioned second solve: its own key, every other response's unchanged
+    pre = _TanhTask(second_solve_preconditioned=True)
+    for name in ("pbrf", "linear", "cold"):
+        assert gt_mod.response_fingerprint(pre, "smoke", name, settings) == \
+            gt_mod.response_fingerprint(task, "smoke", name, settings)
+    assert gt_mod.content_key(gt_mod.response_fingerprint(pre, "smoke", SECOND_SOLVE, settings)) != \
+        gt_mod.content_key(check)
+
+
+def test_preconditioned_second_solve_through_the_ground_truth(tmp_path):
+    """The option reaches the solve (its certificate names the method), and without a dense G
+    or a Nyström preconditioner it is refused with a message naming the fix."""
+    task = _TanhTask(second_solve_preconditioned=True)
+    cache = Cache(tmp_path)
+    problem = gt_mod.build_problem(task, "smoke", tmp_path, cache)
+    gt, _ = gt_mod.load_ground_truth(task, "smoke", problem, cache)
+    check = gt.responses[SECOND_SOLVE]
+    assert "(G + μI)⁻¹" in check["certificate"]["method"] and check["summary"]["ceiling"] > 0.99
+    cg_only = _TanhTask(second_solve_preconditioned=True, dense_max_params=0)
+    with pytest.raises(ValueError, match="dense_max_params.*nystrom_rank"):
+        gt_mod.load_ground_truth(cg_only, "smoke", problem, Cache(tmp_path / "cg"))
 
 
 # ---- the leaderboard: error bar and ties ------------------------------------------------------
