@@ -279,6 +279,15 @@ _PAPER_CHUNKS = {"lenet": (20, 1024), "alexnet": (10, 256), "vgg13": (5, 128), "
 #: the architectures with batch norm
 _BATCH_NORM = ("vgg13", "resnet20")
 
+# The CNNs that run by default at cpu: those scored against `pbrf`, whose ground truth with
+# float32 products and the preconditioned second solve (see _CPU_GT) takes minutes from a cold
+# cache (base model, PBRF + second solve, one thread beside another job, Intel Xeon, de3e0ef):
+# lenet-mnist 2 + 131 + 82 s, lenet-cifar 8 + 349 + 307 s, alexnet-mnist 20 + 343 + 216 s
+# (was 406 + 472, 496 + 952, 1,983 + 520 s). The five scored against `pbrf-epochs` (VGG13 ×2,
+# ResNet-20 ×2, AlexNet-CIFAR) still take 4-32 min each for that protocol's 48 float64 runs and
+# run with --task.
+_DEFAULT_AT_CPU = (("lenet", "mnist"), ("lenet", "cifar"), ("alexnet", "mnist"))
+
 
 class CNNTask(Task):
     default_scales = NOT_AT_CPU_SCALE
@@ -355,7 +364,8 @@ def _task(arch: str, dataset: str, title: str) -> type[CNNTask]:
     data_name = {"mnist": "MNIST (6,000-image subset)", "cifar": "CIFAR-10 (5,000-image offline subset)"}[dataset]
     return type(f"{arch.capitalize()}{dataset.capitalize()}", (CNNTask,), {
         "name": f"{arch}-{dataset}", "arch": arch, "dataset": dataset, "version": _VERSION.get(arch, 1),
-        "description": f"{title}, {data_name}", "__module__": __name__})
+        "description": f"{title}, {data_name}", "__module__": __name__,
+        **({"default_scales": ("smoke", "cpu", "paper")} if (arch, dataset) in _DEFAULT_AT_CPU else {})})
 
 
 LeNetMnist = _task("lenet", "mnist", "LeNet-5")

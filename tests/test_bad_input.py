@@ -98,22 +98,23 @@ def test_cli_unknown_task_is_usage_error(tmp_path):
 
 
 def test_default_tasks_per_scale(tmp_path):
-    """Without --task, each scale runs the tasks meant for it: at cpu scale not the CNNs (hours
-    there), and the header says so; --task still runs one."""
+    """Without --task, each scale runs the tasks meant for it: at cpu scale not the CNNs scored
+    against pbrf-epochs (up to half an hour each there), and the header says so; --task still
+    runs one."""
     from tasks import TASKS, default_tasks
     cpu = default_tasks("cpu")
     assert cpu == ["lr-cancer", "lr-diabetes", "mlp-concrete", "mlp-energy", "mlp-mnist", "mlp-fashion",
-                   "ae-mnist", "transformer-ptb"]
+                   "ae-mnist", "lenet-mnist", "alexnet-mnist", "lenet-cifar", "transformer-ptb"]
     assert default_tasks("smoke") == default_tasks("paper") == list(TASKS)
     proc = _run_benchmark_cli(tmp_path, "--collect-only", "-v", "--estimator", "exact", scale="cpu")  # -v: header
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     # the six rows, and the decomposition tests deselected (off by default at cpu scale)
     assert f"{len(cpu)}/{2 * len(cpu)} tests collected ({len(cpu)} deselected)" in out, out
-    assert "test_estimator[lenet-mnist" not in out
+    assert "test_estimator[lenet-mnist/exact]" in out and "test_estimator[vgg13-mnist" not in out
     assert "not run by default at cpu scale" in out and "resnet20-cifar" in out, out
-    named = _run_benchmark_cli(tmp_path, "--collect-only", "--estimator", "exact", "--task", "lenet-mnist", scale="cpu")
-    assert named.returncode == 0 and "test_estimator[lenet-mnist/exact]" in named.stdout, named.stdout
+    named = _run_benchmark_cli(tmp_path, "--collect-only", "--estimator", "exact", "--task", "vgg13-mnist", scale="cpu")
+    assert named.returncode == 0 and "test_estimator[vgg13-mnist/exact]" in named.stdout, named.stdout
 
 
 def test_cli_unknown_estimator_is_usage_error(tmp_path):
