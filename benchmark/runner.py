@@ -6,6 +6,7 @@ modified problem make a failed row with the reason, and the other rows go on.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import logging
 import platform
@@ -181,8 +182,18 @@ class Session:
         return self.settings.ground_truth or get_task(task_name).ground_truth(self.settings.scale)
 
     def task_state(self, task_name: str) -> tuple[Problem, GroundTruth, bool]:
-        """(problem, ground truth, ground truth was cached); a failure is remembered and re-raised."""
+        """(problem, ground truth, ground truth was cached); a failure is remembered and re-raised.
+
+        One task's problem and ground truth are held at a time (a worker runs a task's rows
+        together): asking for another task drops the others', which come back from the cache if
+        asked for again. Holding them all, one xdist worker of an all-16 cpu run grew to 14 GB
+        by its fifth task and was killed by the OOM killer on a 23 GB machine."""
         if task_name not in self._tasks:
+            held = [name for name, state in self._tasks.items() if not isinstance(state, BaseException)]
+            for name in held:
+                del self._tasks[name]
+            if held:
+                gc.collect()
             try:
                 task = get_task(task_name)
                 problem = build_problem(task, self.settings.scale, self.data_root, self.cache, self.settings.device)

@@ -261,6 +261,23 @@ def test_problem_is_intact_after_a_row_that_modified_it(session, name):
         "θˢ stays modified for every later row of the session"
 
 
+def test_session_holds_one_task_at_a_time(session):
+    """Moving to another task drops the previous task's problem and ground truth (an all-16 run
+    kept them all in one worker until the OOM killer stopped it); asking again reloads it from
+    the cache, with the same numbers."""
+    import weakref
+    first = session.run("lr-cancer", "exact")
+    problem, _, _ = session.task_state("lr-cancer")
+    dropped = weakref.ref(problem)
+    del problem
+    other = session.run("lr-diabetes", "exact")
+    assert first["status"] == other["status"] == "ok"
+    assert dropped() is None and list(session._tasks) == ["lr-diabetes"]
+    again = session.run("lr-cancer", "exact")
+    assert again["pearson"] == first["pearson"] and again["truth_scores"] == first["truth_scores"]
+    assert session.task_state("lr-cancer")[2]  # reloaded from the cache, not recomputed
+
+
 def test_unknown_names_in_session_are_failed_rows(session):
     task = session.run("mlp-mnst", "exact")
     assert task["status"] == "failed" and "Did you mean 'mlp-mnist'" in task["error"]
