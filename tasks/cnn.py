@@ -45,7 +45,10 @@ Scales (the tables below; times measured with one thread on the shared 2-core CP
          0.23 s. At 28×28 (R = 10) the LeNet-MNIST ground truth took 559 s with 5 of 10 rows
          certified and default LiSSA projected 69 min (benchmark.cost); pooled, R = 40: PBRF
          406 s (16 converged, 24 stalled at a median relative gradient norm 7e-4, none
-         untrusted), its second solve 472 s (ceiling 0.995 [0.94, 1.00]), exact's Pearson 0.894.
+         untrusted), its second solve 472 s (ceiling 0.995 [0.94, 1.00]), exact's Pearson 0.894;
+         since de3e0ef (float32 products, preconditioned second solve, see _CPU_GT) 123 + 85 s,
+         the same statuses and Pearson. The LeNets and AlexNet-MNIST run by default at cpu
+         (_DEFAULT_AT_CPU).
          The batch-norm nets are scored against `pbrf-epochs` (CNNTask.ground_truth).
   paper  the paper's widths and data (6,000 MNIST / 5,000 CIFAR images); d = 62k (LeNet-5) to
          9.4M (VGG13), so the ground truth goes through float64 CG without preconditioner. The
