@@ -112,11 +112,6 @@ class ScaleConfig:
     params: dict = field(default_factory=dict)  # task-specific sizes (widths, subset sizes)
 
 
-#: default_scales of the tasks whose ground truth and LiSSA take hours at cpu scale (measured by
-#: `python -m benchmark.cost`, listed on the leaderboard): `--task NAME` still runs them there
-NOT_AT_CPU_SCALE = ("smoke", "paper")
-
-
 class Task(ABC):
     """One benchmark task. Subclasses set `name`, `version` and implement the four methods.
 

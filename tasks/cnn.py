@@ -47,8 +47,8 @@ Scales (the tables below; times measured with one thread on the shared 2-core CP
          406 s (16 converged, 24 stalled at a median relative gradient norm 7e-4, none
          untrusted), its second solve 472 s (ceiling 0.995 [0.94, 1.00]), exact's Pearson 0.894;
          since de3e0ef (float32 products, preconditioned second solve, see _CPU_GT) 123 + 85 s,
-         the same statuses and Pearson. The LeNets and AlexNet-MNIST run by default at cpu
-         (_DEFAULT_AT_CPU).
+         the same statuses and Pearson. Every CNN runs by default at cpu: the slowest, the
+         ResNet-20s' pbrf-epochs ground truth, takes 15-19 min on one thread.
          The batch-norm nets are scored against `pbrf-epochs` (CNNTask.ground_truth).
   paper  the paper's widths and data (6,000 MNIST / 5,000 CIFAR images); d = 62k (LeNet-5) to
          9.4M (VGG13), so the ground truth goes through float64 CG without preconditioner. The
@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data as datasets
-from .base import NOT_AT_CPU_SCALE, GroundTruthConfig, Recipe, ScaleConfig, Splits, Task
+from .base import GroundTruthConfig, Recipe, ScaleConfig, Splits, Task
 from .losses import cross_entropy
 
 
@@ -282,18 +282,8 @@ _PAPER_CHUNKS = {"lenet": (20, 1024), "alexnet": (10, 256), "vgg13": (5, 128), "
 #: the architectures with batch norm
 _BATCH_NORM = ("vgg13", "resnet20")
 
-# The CNNs that run by default at cpu: those scored against `pbrf`, whose ground truth with
-# float32 products and the preconditioned second solve (see _CPU_GT) takes minutes from a cold
-# cache (base model, PBRF + second solve, one thread beside another job, Intel Xeon, de3e0ef):
-# lenet-mnist 2 + 131 + 82 s, lenet-cifar 8 + 349 + 307 s, alexnet-mnist 20 + 343 + 216 s
-# (was 406 + 472, 496 + 952, 1,983 + 520 s). The five scored against `pbrf-epochs` (VGG13 ×2,
-# ResNet-20 ×2, AlexNet-CIFAR) still take 4-32 min each for that protocol's 48 float64 runs and
-# run with --task.
-_DEFAULT_AT_CPU = (("lenet", "mnist"), ("lenet", "cifar"), ("alexnet", "mnist"))
-
 
 class CNNTask(Task):
-    default_scales = NOT_AT_CPU_SCALE
     arch: str
     dataset: str  # "mnist" or "cifar"
     version = 1
@@ -367,8 +357,7 @@ def _task(arch: str, dataset: str, title: str) -> type[CNNTask]:
     data_name = {"mnist": "MNIST (6,000-image subset)", "cifar": "CIFAR-10 (5,000-image offline subset)"}[dataset]
     return type(f"{arch.capitalize()}{dataset.capitalize()}", (CNNTask,), {
         "name": f"{arch}-{dataset}", "arch": arch, "dataset": dataset, "version": _VERSION.get(arch, 1),
-        "description": f"{title}, {data_name}", "__module__": __name__,
-        **({"default_scales": ("smoke", "cpu", "paper")} if (arch, dataset) in _DEFAULT_AT_CPU else {})})
+        "description": f"{title}, {data_name}", "__module__": __name__})
 
 
 LeNetMnist = _task("lenet", "mnist", "LeNet-5")

@@ -97,24 +97,27 @@ def test_cli_unknown_task_is_usage_error(tmp_path):
     assert not (tmp_path / "results").exists()  # nothing ran
 
 
-def test_default_tasks_per_scale(tmp_path):
-    """Without --task, each scale runs the tasks meant for it: at cpu scale not the CNNs scored
-    against pbrf-epochs (up to half an hour each there), and the header says so; --task still
-    runs one."""
+def test_default_tasks_per_scale(tmp_path, monkeypatch):
+    """Without --task, each scale runs the tasks meant for it (Task.default_scales): every task at
+    every scale today, all 16 collected at cpu; a task that leaves a scale out runs there only
+    when named."""
+    import tasks
     from tasks import TASKS, default_tasks
-    cpu = default_tasks("cpu")
-    assert cpu == ["lr-cancer", "lr-diabetes", "mlp-concrete", "mlp-energy", "mlp-mnist", "mlp-fashion",
-                   "ae-mnist", "lenet-mnist", "alexnet-mnist", "lenet-cifar", "transformer-ptb"]
-    assert default_tasks("smoke") == default_tasks("paper") == list(TASKS)
+    for scale in ("smoke", "cpu", "paper"):
+        assert default_tasks(scale) == list(TASKS)
+    assert len(TASKS) == 16
     proc = _run_benchmark_cli(tmp_path, "--collect-only", "-v", "--estimator", "exact", scale="cpu")  # -v: header
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    # the six rows, and the decomposition tests deselected (off by default at cpu scale)
-    assert f"{len(cpu)}/{2 * len(cpu)} tests collected ({len(cpu)} deselected)" in out, out
-    assert "test_estimator[lenet-mnist/exact]" in out and "test_estimator[vgg13-mnist" not in out
-    assert "not run by default at cpu scale" in out and "resnet20-cifar" in out, out
-    named = _run_benchmark_cli(tmp_path, "--collect-only", "--estimator", "exact", "--task", "vgg13-mnist", scale="cpu")
-    assert named.returncode == 0 and "test_estimator[vgg13-mnist/exact]" in named.stdout, named.stdout
+    # the 16 rows, and the decomposition tests deselected (off by default at cpu scale)
+    assert "16/32 tests collected (16 deselected)" in out, out
+    assert "test_estimator[vgg13-mnist/exact]" in out and "test_estimator[resnet20-cifar/exact]" in out, out
+    assert "not run by default" not in out, out
+
+    slow = type("SlowTask", (TASKS["vgg13-mnist"],), {"default_scales": ("smoke", "paper")})
+    monkeypatch.setitem(tasks.TASKS, "vgg13-mnist", slow)
+    assert "vgg13-mnist" not in default_tasks("cpu") and "vgg13-mnist" in default_tasks("smoke")
+    assert len(default_tasks("cpu")) == 15
 
 
 def test_cli_unknown_estimator_is_usage_error(tmp_path):
