@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from benchmark import retraining
+from benchmark import responses, retraining
 from benchmark.ground_truth import ALL_RESPONSES, _LazyCurvature, compute_response, untrusted_rows
 from benchmark.problem import Batch, FunctionalModel, Problem
 from benchmark.responses import DampedGaussNewton, SolverSettings, linearized_pbrf, pbrf, pbrf_epochs
@@ -156,6 +157,21 @@ def test_pbrf_epochs_reaches_the_pbrf_on_a_quadratic(ridge):
     assert 1e-4 < rel[1] < 0.02 and rel[0] > 3 * rel[1], rel
     with pytest.raises(ValueError, match="minibatch optimizer"):
         pbrf_epochs(r.problem, REMOVED, Recipe("lbfgs", epochs=10, weight_decay=r.wd))
+
+
+def test_pbrf_epochs_certificate_does_not_depend_on_its_row_chunks(ridge, monkeypatch):
+    """The certificate's full-batch J_m and ∇J_m go CERTIFICATE_ROWS removed examples at a time
+    (memory): each row's numbers are its own, whatever the chunk."""
+    r = ridge
+    recipe = Recipe("sgd", epochs=4, batch_size=8, lr=r.lr, weight_decay=r.wd, seed=0)
+    certificates = []
+    for rows in (1, 3, len(REMOVED)):
+        monkeypatch.setattr(responses, "CERTIFICATE_ROWS", rows)
+        certificates.append(pbrf_epochs(r.problem, REMOVED, recipe)[1])
+    for cert in certificates[:2]:
+        for key in ("objective", "relative_gradient_norm"):
+            np.testing.assert_allclose(cert[key], certificates[-1][key], rtol=1e-12, atol=1e-300)
+    assert len(set(certificates[-1]["objective"])) == len(REMOVED)  # distinct rows, not one repeated
 
 
 def test_proximal_equals_pbrf_and_tends_to_warm(ridge):
